@@ -1,0 +1,68 @@
+"""Verifiable rewards: pure functions `(completion, example) -> RewardResult`, registered by task name.
+
+An example is anything with `.reference` (the gold answer / test program / label) and `.meta` (a dict);
+`gspo.data.Example` is the usual one. Rewards never raise into the caller: `score` turns an exception
+into a zero with the reason recorded, so one bad completion cannot stop training or evaluation.
+"""
+from __future__ import annotations
+
+import importlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+
+@dataclass
+class RewardResult:
+    score: float
+    verdict: str = "wrong"  # correct | wrong | no_answer | error | timeout
+    extracted: Any = None
+    reason: str = ""
+
+
+RewardFn = Callable[[str, Any], RewardResult]
+_REGISTRY: dict[str, RewardFn] = {}
+# Rewards live in their own modules; importing one registers its task names.
+_MODULES = {"arithmetic": "rewards.arithmetic", "gsm8k": "rewards.math", "math": "rewards.math",
+            "humaneval": "rewards.code", "hellaswag": "rewards.choice", "choice": "rewards.choice"}
+
+
+def register(name: str) -> Callable[[RewardFn], RewardFn]:
+    def deco(fn: RewardFn) -> RewardFn:
+        _REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+def get(name: str) -> RewardFn:
+    if name not in _REGISTRY and name in _MODULES:
+        importlib.import_module(_MODULES[name])
+    if name not in _REGISTRY:
+        known = sorted(set(_REGISTRY) | set(_MODULES))
+        raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(known)}")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_MODULES))
+
+
+def score(name: str, completion: str, example: Any) -> RewardResult:
+    fn = get(name)
+    try:
+        result = fn(completion, example)
+    except Exception as e:  # a reward bug or hostile input must cost one sample, not the run
+        return RewardResult(0.0, "error", None, f"{type(e).__name__}: {e}"[:500])
+    return result
+
+
+def score_batch(name: str, completions: Sequence[str], examples: Sequence[Any], workers: int = 1) -> list[RewardResult]:
+    """Score completions[i] against examples[i]; `workers` > 1 runs them in threads (sandboxed code rewards
+    spend their time waiting on child processes, so threads overlap them)."""
+    if len(completions) != len(examples):
+        raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
+    get(name)
+    if workers <= 1:
+        return [score(name, c, e) for c, e in zip(completions, examples)]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda ce: score(name, *ce), zip(completions, examples)))
