@@ -1,0 +1,323 @@
+"""The GSPO loop: rollout -> reward -> group advantages -> several clipped minibatch updates; checkpoints; resume."""
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+import rewards
+from gspo import checkpoint
+from gspo.advantages import group_advantages
+from gspo.config import Config
+from gspo.data import Example, format_prompt
+from gspo.loss import policy_loss
+from gspo.models import load_model, load_tokenizer, make_optimizer, make_scheduler, pick_device
+from gspo.rollout import Rollout, generate, token_logprobs
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path  # loadable with transformers' from_pretrained
+    best_dir: Path | None  # best held-out reward, when evaluation ran
+    metrics_path: Path  # one JSON object per step
+    steps: int
+    skipped_updates: int
+    stopped_early: bool  # too many consecutive non-finite updates
+    best_eval: float | None
+
+
+@dataclass
+class TrainState:
+    """Everything beyond model and optimizer that an exact resume needs."""
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # index into this epoch's prompt order
+    skipped_updates: int = 0
+    consecutive_skips: int = 0
+    best_eval: float | None = None
+    eval_history: list = field(default_factory=list)
+
+
+class PromptSampler:
+    """Seeded epoch-wise shuffles; (epoch, position) is the whole state, so resume continues the same order."""
+
+    def __init__(self, n: int, seed: int, state: TrainState):
+        self.n, self.seed, self.state = n, seed, state
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            order = np.random.default_rng([self.seed, self.state.epoch]).permutation(self.n)
+            take = min(k - len(out), self.n - self.state.position)
+            out += order[self.state.position:self.state.position + take].tolist()
+            self.state.position += take
+            if self.state.position == self.n:
+                self.state.epoch, self.state.position = self.state.epoch + 1, 0
+        return out
+
+
+def _micro_batches(idx: torch.Tensor, roll: Rollout, budget: int) -> list[torch.Tensor]:
+    """Split a minibatch so each forward/backward holds about `budget` tokens (padded width x rows)."""
+    width = roll.prompt_ids.shape[1] + int(roll.completion_mask[idx].sum(1).max())
+    rows = max(1, budget // max(1, width))
+    return [idx[i:i + rows] for i in range(0, len(idx), rows)]
+
+
+def _trimmed(roll: Rollout, idx: torch.Tensor):
+    """The rows of a micro-batch with all-padding prompt and completion columns cut off."""
+    pm, cm = roll.prompt_mask[idx], roll.completion_mask[idx]
+    p0 = int((pm.sum(0) > 0).nonzero()[0]) if pm.any() else pm.shape[1] - 1
+    t1 = max(1, int(cm.sum(1).max()))
+    return roll.prompt_ids[idx, p0:], pm[:, p0:], roll.completion_ids[idx, :t1], cm[:, :t1]
+
+
+def _logprobs(model, roll: Rollout, idx: torch.Tensor, temperature: float, budget: int, with_entropy=False):
+    """Log-probs (len(idx), T) for a set of rows, micro-batched, padded back to the rollout's width T."""
+    T = roll.completion_ids.shape[1]
+    lps, ents = [], []
+    for mb in _micro_batches(idx, roll, budget):
+        lp, ent = token_logprobs(model, *_trimmed(roll, mb), temperature=temperature, with_entropy=with_entropy)
+        lps.append(torch.nn.functional.pad(lp, (0, T - lp.shape[1])))
+        if with_entropy:
+            ents.append(torch.nn.functional.pad(ent, (0, T - ent.shape[1])))
+    return torch.cat(lps), (torch.cat(ents) if with_entropy else None)
+
+
+def _rng_state() -> dict:
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _score(roll_texts: list[str], examples: list[Example]) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """Rewards (B,) and the rewards grouped per task for metrics."""
+    scores = [0.0] * len(examples)
+    per_task: dict[str, list[float]] = {}
+    by_task: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_task.setdefault(ex.task, []).append(i)
+    for task, rows in by_task.items():
+        results = rewards.score_batch(task, [roll_texts[i] for i in rows], [examples[i] for i in rows],
+                                      workers=4 if task == "humaneval" else 1)
+        for i, r in zip(rows, results):
+            scores[i] = float(r.score)
+        per_task[task] = [scores[i] for i in rows]
+    return torch.tensor(scores, dtype=torch.float32), per_task
+
+
+@torch.no_grad()
+def evaluate_greedy(model, tok, examples: list[Example], cfg: Config, batch_size: int = 64) -> float:
+    """Mean reward of greedy completions: the held-out score used to keep the best checkpoint."""
+    if not examples:
+        return float("nan")
+    total = 0.0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        prompts = [format_prompt(tok, e, cfg.data.use_chat_template) for e in chunk]
+        roll = generate(model, tok, prompts, 1, cfg.gspo.max_new_tokens, do_sample=False,
+                        max_prompt_length=cfg.gspo.max_prompt_length)
+        total += float(_score(roll.texts, chunk)[0].sum())
+    return total / len(examples)
+
+
+def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eval_examples: list[Example],
+          out_dir: str | Path, on_step: Callable[[dict], None] | None = None,
+          after_backward: Callable[[torch.nn.Module, int], None] | None = None) -> TrainResult:
+    """Run (or resume) GSPO training; every step's metrics go to out_dir/metrics.jsonl and to `on_step`.
+
+    `after_backward(model, update_index)` runs after each accumulated backward pass, before the non-finite
+    guard: a place for gradient surgery or fault injection.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not train_examples:
+        raise ValueError("no training examples")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    g, o, t = cfg.gspo, cfg.optim, cfg.train
+    eps_low, eps_high = g.clip_range()
+    device = pick_device(t.device)
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    torch.manual_seed(t.seed)
+
+    tok = load_tokenizer(model_dir)
+    state = TrainState()
+    resume_from = checkpoint.latest(out_dir)
+    model = load_model(model_dir, cfg.model, device)
+    ref = load_model(model_dir, cfg.model, device, trainable=False) if g.beta > 0 and cfg.model.lora_r == 0 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(model, o)
+    sched = make_scheduler(opt, o, t.steps * g.num_minibatches)
+    metrics_path = out_dir / "metrics.jsonl"
+    if resume_from is not None:
+        saved = checkpoint.load(resume_from, model, opt, sched)
+        state = TrainState(**saved["state"])
+        _set_rng_state(saved["rng"])
+        checkpoint.truncate_metrics(metrics_path, state.step)
+    elif metrics_path.exists():
+        metrics_path.unlink()  # a fresh run: stale metrics from a run that never checkpointed
+
+    sampler = PromptSampler(len(train_examples), t.seed, state)
+    prompts_text = [format_prompt(tok, e, cfg.data.use_chat_template) for e in train_examples]
+    eval_subset = eval_examples[:cfg.data.eval_size] if cfg.data.eval_size else eval_examples
+    stopped_early = False
+    bar = None
+    if t.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.steps, initial=state.step, desc="gspo", unit="step", dynamic_ncols=True)
+
+    while state.step < t.steps:
+        t0 = time.perf_counter()
+        ids = sampler.take(g.prompts_per_step)
+        examples = [train_examples[i] for i in ids for _ in range(g.group_size)]
+        roll = generate(model, tok, [prompts_text[i] for i in ids], g.group_size, g.max_new_tokens,
+                        g.temperature, g.top_p, g.max_prompt_length)
+        t1 = time.perf_counter()
+        reward, per_task = _score(roll.texts, examples)
+        adv, zero_groups = group_advantages(reward, g.group_size)
+        t2 = time.perf_counter()
+
+        B = len(roll)
+        all_rows = torch.arange(B)
+        model.eval()  # old log-probs without dropout, as the policy that sampled
+        with torch.no_grad(), _autocast(device):
+            old_logp, entropy = _logprobs(model, roll, all_rows, g.temperature, o.micro_batch_tokens, with_entropy=True)
+            ref_logp = None
+            if g.beta > 0:
+                ref_model = ref if ref is not None else model
+                with (model.disable_adapter() if ref is None else nullcontext()):
+                    ref_logp, _ = _logprobs(ref_model, roll, all_rows, g.temperature, o.micro_batch_tokens)
+        model.train()
+
+        mask = roll.completion_mask.float()
+        # Shuffle before splitting so each minibatch mixes groups; seeded by the step for exact resume.
+        perm = torch.randperm(B, generator=torch.Generator().manual_seed(t.seed * 1_000_003 + state.step))
+        mb_metrics = []
+        for mb_i, mb in enumerate(perm.chunk(g.num_minibatches)):
+            opt.zero_grad(set_to_none=True)
+            finite = True
+            parts = []
+            for micro in _micro_batches(mb, roll, o.micro_batch_tokens):
+                pids, pm, cids, cm = _trimmed(roll, micro)
+                Tm = cids.shape[1]
+                with _autocast(device):
+                    logp, _ = token_logprobs(model, pids, pm, cids, cm, temperature=g.temperature)
+                out = policy_loss(logp, old_logp[micro, :Tm], adv[micro], mask[micro, :Tm], level=g.importance_sampling_level,
+                                  eps_low=eps_low, eps_high=eps_high,
+                                  ref_logp=None if ref_logp is None else ref_logp[micro, :Tm], beta=g.beta)
+                if not torch.isfinite(out.loss):
+                    finite = False
+                    break
+                (out.loss * (len(micro) / len(mb))).backward()
+                parts.append((len(micro), out.metrics))
+            update_index = state.step * g.num_minibatches + mb_i
+            if after_backward is not None and finite:
+                after_backward(model, update_index)
+            grad_norm = float("nan")
+            if finite:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf")))
+                finite = math.isfinite(grad_norm)
+            if finite:
+                opt.step()
+                state.consecutive_skips = 0
+            else:
+                opt.zero_grad(set_to_none=True)
+                state.skipped_updates += 1
+                state.consecutive_skips += 1
+            sched.step()
+            mb_metrics.append(_weighted(parts) | {"grad_norm": grad_norm, "skipped": 0.0 if finite else 1.0})
+            if state.consecutive_skips >= t.max_consecutive_skips:
+                stopped_early = True
+                break
+        t3 = time.perf_counter()
+
+        state.step += 1
+        lens = roll.completion_mask.sum(1).float()
+        n_tokens = int(roll.prompt_mask.sum() + roll.completion_mask.sum())
+        ok = [m for m in mb_metrics if not m["skipped"]]
+        ratio_min = min((m["ratio_min"] for m in ok), default=float("nan"))
+        ratio_max = max((m["ratio_max"] for m in ok), default=float("nan"))
+        m = {
+            "step": state.step,
+            "reward_mean": float(reward.mean()), "reward_std": float(reward.std(unbiased=False)),
+            **{f"reward/{k}": float(np.mean(v)) for k, v in per_task.items()},
+            "advantage_mean": float(adv.mean()), "advantage_std": float(adv.std(unbiased=False)),
+            "advantage_abs_max": float(adv.abs().max()),
+            "zero_std_group_frac": zero_groups / max(1, g.prompts_per_step),
+            **_mean_over(ok, ["ratio_mean", "clip_frac", "clip_frac_low", "clip_frac_high", "loss", "kl"]),
+            "ratio_min": ratio_min, "ratio_max": ratio_max,
+            "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
+            "completion_len_mean": float(lens.mean()), "completion_len_max": float(lens.max()),
+            "truncated_frac": float(roll.truncated.float().mean()),
+            "grad_norm": float(np.nanmean([x["grad_norm"] for x in mb_metrics])) if ok else float("nan"),
+            "lr": sched.get_last_lr()[0],
+            "skipped_updates": state.skipped_updates,
+            "tokens_per_s": n_tokens * (1 + len(mb_metrics)) / (t3 - t0),
+            "rollout_tokens_per_s": float(lens.sum()) / (t1 - t0),
+            "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_update_s": t3 - t2,
+        }
+        if t.eval_every and (state.step % t.eval_every == 0 or state.step == t.steps) and eval_subset:
+            score = evaluate_greedy(model, tok, eval_subset, cfg)
+            m["eval_reward"] = score
+            state.eval_history.append([state.step, score])
+            if state.best_eval is None or score > state.best_eval:
+                state.best_eval = score
+                checkpoint.save_weights(model, tok, out_dir / "best", {"step": state.step, "eval_reward": score})
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if on_step is not None:
+            on_step(m)
+        if bar is not None:
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", clip=f"{m.get('clip_frac', 0):.3f}")
+            bar.update(1)
+        if stopped_early or (t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < t.steps):
+            checkpoint.save(out_dir, state.step, model, tok, opt, sched, state.__dict__, _rng_state(), t.keep_checkpoints)
+        if stopped_early:
+            break
+    if bar is not None:
+        bar.close()
+    checkpoint.save_weights(model, tok, out_dir / "final", {"step": state.step, "stopped_early": stopped_early})
+    best = out_dir / "best"
+    return TrainResult(out_dir / "final", best if best.exists() else None, metrics_path, state.step,
+                       state.skipped_updates, stopped_early, state.best_eval)
+
+
+def _weighted(parts: list[tuple[int, dict]]) -> dict:
+    """Row-weighted mean of micro-batch metrics (min / max kept as such)."""
+    n = sum(k for k, _ in parts)
+    if not n:
+        return {}
+    keys = parts[0][1].keys()
+    out = {k: sum(k_ * m[k] for k_, m in parts) / n for k in keys}
+    if "ratio_min" in keys:
+        out["ratio_min"] = min(m["ratio_min"] for _, m in parts)
+        out["ratio_max"] = max(m["ratio_max"] for _, m in parts)
+    return out
+
+
+def _mean_over(ms: list[dict], keys: list[str]) -> dict:
+    return {k: float(np.mean([m[k] for m in ms])) for k in keys if ms and k in ms[0]}
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast only on CUDA: on CPU it is slow and the weights are fp32 anyway.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
