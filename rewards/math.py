@@ -71,7 +71,10 @@ def _value(m: re.Match) -> Rational | None:
             d = _decimal(g["den"])
             v = None if not d else v / d
     else:
-        n, d = (_signed(g["fn"]), _decimal(g["fd"])) if g["fn"] is not None else (Rational(int(g["fn1"])), int(g["fd1"]))
+        if g["fn"] is not None:
+            n, d = _signed(g["fn"]), _decimal(g["fd"])
+        else:  # \frac12
+            n, d = Rational(int(g["fn1"])), int(g["fd1"])
         v = None if n is None or not d else n / d
         if v is not None and g["whole"] is not None:
             w = _decimal(g["whole"])
