@@ -36,9 +36,13 @@ def make_examples(n: int, seed: int = 0, max_operand: int = 20, ops: str = "+-",
 
 def split(train: int, held_out: int, seed: int = 0, max_operand: int = 20, ops: str = "+-",
           warm_start: int = 0) -> tuple[list[Example], list[Example], list[Example]]:
-    """(train, held_out, warm_start): held-out problems never appear in the other two."""
+    """(train, held_out, warm_start): held-out problems never appear in the other two.
+
+    Train and warm-start sizes are capped at the problems left after the held-out set; train=0 takes them all.
+    """
     held = make_examples(held_out, seed + 1, max_operand, ops)
     excl = {e.prompt for e in held}
-    tr = make_examples(train, seed, max_operand, ops, exclude=excl)
-    ws = make_examples(warm_start, seed + 2, max_operand, ops, exclude=excl) if warm_start else []
+    left = len(problem_space(max_operand, ops)) - len(excl)
+    tr = make_examples(min(train, left) if train else left, seed, max_operand, ops, exclude=excl)
+    ws = make_examples(min(warm_start, left), seed + 2, max_operand, ops, exclude=excl) if warm_start else []
     return tr, held, ws

@@ -42,7 +42,7 @@ class DataConfig:
     source: str = opt("arithmetic", "training data", ("arithmetic", "gsm8k", "humaneval", "hellaswag", "custom"))
     path: str | None = opt(None, "local file for the source; None loads the hub dataset (arithmetic needs none)")
     reward: str | None = opt(None, "reward name for custom data; other sources use their own")
-    train_size: int = opt(2000, "training examples (0 keeps all)")
+    train_size: int = opt(0, "training examples (0 keeps all)")
     eval_size: int = opt(200, "held-out examples for the in-training reward and checkpoint selection")
     seed: int = opt(0, "seed for generating / shuffling / splitting the data")
     use_chat_template: bool = opt(True, "format prompts with the tokenizer's chat template when it has one")

@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import os
+import random
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
@@ -245,3 +246,29 @@ def _check_reward(reward: str, where) -> None:
     import rewards
     if reward not in rewards.names():
         raise ValueError(f"{where}: unknown reward {reward!r}; known rewards: {', '.join(rewards.names())}")
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    held_out: list[Example]  # never trained on: in-training evaluation and checkpoint selection
+    warm_start: list[Example]  # supervised warm-start examples (may overlap train, never held_out)
+
+
+def prepare_splits(cfg) -> Splits:
+    """The configured data, split reproducibly into train / held-out / warm-start (cfg is a gspo.config.Config)."""
+    d, w = cfg.data, cfg.warm_start
+    if d.source == "arithmetic":
+        from gspo.arithmetic import split
+
+        tr, held, ws = split(d.train_size, d.eval_size, d.seed, d.arithmetic_max_operand, d.arithmetic_ops,
+                             w.examples if w.steps else 0)
+        return Splits(tr, held, ws)
+    examples = load_examples(d.source, d.path, "train", reward=d.reward)
+    order = random.Random(d.seed).sample(range(len(examples)), len(examples))
+    if d.eval_size >= len(examples):
+        raise ValueError(f"data.eval_size={d.eval_size} leaves no training examples out of {len(examples)}")
+    held = [examples[i] for i in order[:d.eval_size]]
+    rest = [examples[i] for i in order[d.eval_size:]]
+    tr = rest[:d.train_size] if d.train_size else rest
+    return Splits(tr, held, rest[:w.examples] if w.steps else [])
