@@ -252,7 +252,7 @@ def _set(tree: dict, dotted: str, raw: str) -> None:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Defaults <- YAML file <- `section.field=value` overrides, then validated."""
     tree: dict = {}
-    source = "defaults"
+    source = "config"
     if path is not None:
         source = str(path)
         try:
