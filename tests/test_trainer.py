@@ -1,0 +1,156 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rewards
+from gspo.config import load_config
+from gspo.data import prepare_splits
+from gspo.models import load_model, load_tokenizer, pick_device
+from gspo.tiny import save_tiny
+from gspo.trainer import PromptSampler, TrainState, evaluate_greedy, train
+
+# A few-second configuration: the base tiny model, short completions, one thread for bitwise determinism.
+SMALL = ["train.steps=4", "gspo.prompts_per_step=4", "gspo.group_size=4", "gspo.max_new_tokens=4",
+         "train.eval_every=0", "train.checkpoint_every=2", "train.progress=false", "train.threads=1",
+         "data.eval_size=20", "optim.lr=1e-3", "optim.optimizer=adamw8bit"]
+
+
+@rewards.register("test_even_length")
+def _even_length(completion, example):
+    # A dense signal for an untrained model: about half its completions score 1, so advantages are non-zero.
+    return rewards.RewardResult(float(len(completion) % 2 == 0), "correct" if len(completion) % 2 == 0 else "wrong")
+
+
+def _dense(examples):
+    return [dataclasses.replace(e, task="test_even_length") for e in examples]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+def _weights(d: Path) -> dict:
+    return load_file(str(Path(d) / "model.safetensors"))
+
+
+def test_metrics_cover_every_documented_signal(tiny_dir, tmp_path):
+    cfg = load_config(None, SMALL + ["train.steps=2", "gspo.beta=0.1"])
+    s = prepare_splits(cfg)
+    seen = []
+    mixed = [dataclasses.replace(e, task="test_even_length") if i % 2 else e for i, e in enumerate(s.train)]
+    res = train(cfg, tiny_dir, mixed, s.held_out, tmp_path, on_step=seen.append)
+    assert res.steps == 2 and len(seen) == 2
+    rows = [json.loads(line) for line in res.metrics_path.read_text().splitlines()]
+    assert rows == json.loads(json.dumps(seen))
+    for key in ["reward_mean", "reward_std", "reward/arithmetic", "reward/test_even_length", "advantage_mean", "advantage_std", "ratio_mean",
+                "ratio_min", "ratio_max", "clip_frac", "clip_frac_low", "clip_frac_high", "kl", "entropy",
+                "completion_len_mean", "completion_len_max", "truncated_frac", "zero_std_group_frac", "grad_norm",
+                "lr", "skipped_updates", "tokens_per_s", "time_rollout_s", "time_reward_s", "time_update_s"]:
+        assert all(key in r for r in rows) or key.startswith("reward/") and any(key in r for r in rows), key
+    # The first minibatch of every step is on-policy, later ones are not: the ratio must leave 1.
+    assert rows[-1]["ratio_max"] > 1.0 or rows[-1]["ratio_min"] < 1.0
+    assert (res.final_dir / "config.json").exists()
+
+
+def test_several_minibatches_make_the_clip_act(tiny_dir, tmp_path):
+    """With one update per rollout batch the ratio is exactly 1; with four, later updates see clipped sequences."""
+    one = load_config(None, SMALL + ["train.steps=1", "gspo.num_minibatches=1"])
+    four = load_config(None, SMALL + ["train.steps=2", "gspo.num_minibatches=4", "optim.lr=1e-2"])
+    s = prepare_splits(one)
+    tr = _dense(s.train)
+    r1 = [json.loads(x) for x in train(one, tiny_dir, tr, s.held_out, tmp_path / "a").metrics_path.read_text().splitlines()]
+    assert r1[0]["ratio_min"] == pytest.approx(1.0, abs=1e-6) and r1[0]["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    assert r1[0]["clip_frac"] == 0.0
+    r4 = [json.loads(x) for x in train(four, tiny_dir, tr, s.held_out, tmp_path / "b").metrics_path.read_text().splitlines()]
+    assert max(r["clip_frac"] for r in r4) > 0.0
+
+
+def test_nan_gradient_skips_the_update_and_training_goes_on(tiny_dir, tmp_path):
+    cfg = load_config(None, SMALL + ["train.checkpoint_every=0"])
+    s = prepare_splits(cfg)
+
+    def poison(model, update):
+        if update == 1:
+            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+
+    res = train(cfg, tiny_dir, _dense(s.train), s.held_out, tmp_path, after_backward=poison)
+    assert res.steps == 4 and res.skipped_updates == 1 and not res.stopped_early
+    assert all(torch.isfinite(w).all() for w in _weights(res.final_dir).values())
+
+
+def test_consecutive_non_finite_updates_stop_with_a_checkpoint(tiny_dir, tmp_path):
+    cfg = load_config(None, SMALL + ["train.steps=10", "train.max_consecutive_skips=3", "train.checkpoint_every=0"])
+    s = prepare_splits(cfg)
+    before = _weights(tiny_dir)
+
+    def poison(model, update):
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.fill_(float("inf"))
+
+    res = train(cfg, tiny_dir, _dense(s.train), s.held_out, tmp_path, after_backward=poison)
+    assert res.stopped_early and res.skipped_updates == 3 and res.steps == 1
+    assert (tmp_path / "checkpoints").exists()
+    after = _weights(res.final_dir)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no poisoned update was applied
+
+
+def test_sampler_resumes_mid_epoch():
+    st = TrainState()
+    full = PromptSampler(10, 3, st).take(25)
+    st2 = TrainState()
+    a = PromptSampler(10, 3, st2).take(7)
+    resumed = TrainState(epoch=st2.epoch, position=st2.position)
+    assert a + PromptSampler(10, 3, resumed).take(18) == full
+    assert sorted(full[:10]) == list(range(10))
+
+
+def _gspo_train(cfg_path: Path, out: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "gspo.cli", "train", "--config", str(cfg_path), "--output", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_weights(tmp_path):
+    import yaml
+
+    cfg = load_config(None, SMALL + ["train.steps=10", "train.checkpoint_every=2", "train.keep_checkpoints=10"])
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+
+    straight = _gspo_train(cfg_path, tmp_path / "straight")
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out.decode()[-2000:]
+
+    killed = _gspo_train(cfg_path, tmp_path / "killed")
+    ckpt = tmp_path / "killed" / "train" / "checkpoints" / "step-00000004" / "trainer_state.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (tmp_path / "killed" / "train" / "final").exists()
+
+    resumed = _gspo_train(cfg_path, tmp_path / "killed")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out.decode()[-2000:]
+    a, b = _weights(tmp_path / "straight" / "train" / "final"), _weights(tmp_path / "killed" / "train" / "final")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
+    m1 = (tmp_path / "straight" / "train" / "metrics.jsonl").read_text().splitlines()
+    m2 = (tmp_path / "killed" / "train" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if not k.startswith(("time_", "tokens_per_s", "rollout_tokens"))} for r in rows]
+    assert strip(m1) == strip(m2)
