@@ -112,15 +112,14 @@ def run_candidate(problem: dict, completion: str, timeout: float = DEFAULT_TIMEO
         try:
             box.load(program(problem, completion), timeout=remaining())
             check(candidate)
-        except TimedOut:
-            return Verdict("timed out", output=box.output)
+            status, reason = "passed", ""
         except (Aborted, Exception) as e:
-            return Verdict("failed", _describe(e, problem["test"]), box.output)
-        if box.aborted:  # the test swallowed our abort with a bare except: still a failure
-            if isinstance(box.aborted, TimedOut):
-                return Verdict("timed out", output=box.output)
-            return Verdict("failed", str(box.aborted), box.output)
-        return Verdict("passed", output=box.output)
+            status, reason = "failed", _describe(e, problem["test"])
+        if isinstance(box.aborted, TimedOut):
+            status, reason = "timed out", ""
+        elif box.aborted:  # also when the test swallowed the abort with a bare except
+            status, reason = "failed", reason or str(box.aborted)
+    return Verdict(status, reason, box.output)  # read after close: it includes what a dying program printed
 
 
 def run_candidates(problems_and_completions: Iterable[tuple[dict, str]], timeout: float = DEFAULT_TIMEOUT,

@@ -48,6 +48,8 @@ def test_verdicts_follow_human_evals_result_strings():
     assert run_candidate(ADD, "    raise ValueError('no')\n").result.startswith("failed: ValueError: no at test line")
     printed = run_candidate(ADD, "    print('hello')\n    return x + y\n")
     assert printed.passed and printed.output == "hello\n" * 105  # 5 fixed calls, 100 random ones
+    died = run_candidate(ADD, "    print('last words', flush=True)\n    import os\n    os._exit(1)\n")
+    assert died.reason.startswith("the program exited with status 1") and died.output == "last words\n"
 
 
 def test_the_program_is_prompt_plus_completion():
