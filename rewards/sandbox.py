@@ -259,11 +259,12 @@ class Sandbox:
         self.limits = limits or Limits()
         self.aborted: Aborted | None = None
         self._buf, self._out, self._out_len, self._fds = bytearray(), bytearray(), 0, []
-        self._slot = _slots.take()
+        self._slot, self._dir = _slots.take(), None
+        self._ctl = self._status = self._req = self._rep = self._outr = None  # our ends of the five pipes
         self.uid = UID_BASE + (os.getpid() % (1 << 22)) * SLOTS + self._slot
-        # The mount point of the private root; without a mount namespace, the working directory itself.
-        self._dir = tempfile.mkdtemp(prefix="sandbox-")
         try:
+            # The mount point of the private root; without a mount namespace, the working directory itself.
+            self._dir = tempfile.mkdtemp(prefix="sandbox-")
             if os.geteuid() == 0:
                 os.chown(self._dir, self.uid, self.uid)
             ctl_r, self._ctl = self._pipe()
@@ -383,20 +384,20 @@ class Sandbox:
         """Why the program ended, from the warden (which the program cannot reach)."""
         if not _wait(self._status, select.POLLIN, 2):
             return "the program closed its reply pipe"
-        line = os.read(self._status, 200).decode(errors="replace").split()
-        if line[:1] == ["signal"] and len(line) == 2 and line[1].isdigit():
-            sig = int(line[1])
-            try:
-                name = signal.Signals(sig).name
-            except ValueError:
-                name = f"signal {sig}"
-            if sig == signal.SIGXCPU:
-                raise TimedOut(f"CPU time limit ({self.limits.cpu} s)")
-            hint = " (memory limit or killed)" if sig == signal.SIGKILL else ""
-            return f"the program was killed by {name}{hint}"
-        if line[:1] == ["exit"] and len(line) == 2:
-            return f"the program exited with status {line[1]}"
-        return f"the program ended ({' '.join(line)[:100]})"
+        report = os.read(self._status, 200).decode().split()  # "signal 9 2.013 0", from our warden
+        if len(report) != 4:
+            return "the program ended; its warden gave no report"
+        how, code, cpu, oom = report
+        if float(cpu) >= self.limits.cpu:
+            raise TimedOut(f"CPU time limit ({self.limits.cpu} s)")
+        if oom == "1":
+            return f"the program ran out of memory (limit {self.limits.memory >> 20} MiB)"
+        if how == "exit":
+            return f"the program exited with status {code}"
+        try:
+            return f"the program was killed by {signal.Signals(int(code)).name}"
+        except ValueError:
+            return f"the program was killed by signal {code}"
 
     @property
     def output(self) -> str:
@@ -407,11 +408,11 @@ class Sandbox:
         """Kill the program's whole process tree and wait until the warden reports it gone."""
         if self._slot is None:
             return
-        for fd in (getattr(self, "_ctl", None), getattr(self, "_req", None)):
+        for fd in (self._ctl, self._req):
             if fd in self._fds:
                 self._fds.remove(fd)
                 os.close(fd)
-        if getattr(self, "_status", None) in self._fds:
+        if self._status in self._fds:
             # The warden closes the status pipe when it exits, after everything the program started is gone.
             if not self._drain(self._status, 10.0, keep=False):
                 warnings.warn("sandbox: the warden did not finish cleaning up within 10 s", RuntimeWarning)
@@ -420,10 +421,11 @@ class Sandbox:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
-        try:
-            os.rmdir(self._dir)
-        except OSError:  # only without a mount namespace does the program write into this directory
-            shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            try:
+                os.rmdir(self._dir)
+            except OSError:  # only without a mount namespace does the program write into this directory
+                shutil.rmtree(self._dir, ignore_errors=True)
         _slots.give(self._slot)
         self._slot = None
 
@@ -545,11 +547,14 @@ def _warden(cfg: dict, ctl: int, status: int, req: int, rep: int, out: int) -> N
         ready = select.select([ctl] + ([pidfd] if pidfd is not None else []), [], [], tick)[0]
         if ctl in ready:
             os.kill(pid, signal.SIGKILL)
-        done, wstatus = os.waitpid(pid, 0 if ready else os.WNOHANG)
+        done, wstatus, usage = os.wait4(pid, 0 if ready else os.WNOHANG)
         if done:
             break
+    # CPU time and the cgroup's OOM kills tell limits apart from other deaths: as pid 1 of its namespace
+    # the program ignores SIGXCPU and dies only by the SIGKILL at the hard limit.
     report = f"signal {os.WTERMSIG(wstatus)}" if os.WIFSIGNALED(wstatus) else f"exit {os.WEXITSTATUS(wstatus)}"
-    os.write(status, report.encode() + b"\n")
+    oom = any(_oom_kills(path) for path in cgroups)
+    os.write(status, f"{report} {usage.ru_utime + usage.ru_stime:.3f} {int(oom)}\n".encode())
     # With a pid namespace its init's death has already killed the rest (and forking into the dead
     # namespace would fail); without one, sweep the uid (as root the program always dropped to it).
     _sweep(uid if root and "pid" not in active else None, cgroups)
@@ -583,6 +588,14 @@ def _sweep(uid, cgroups: list[str]) -> None:
         except ChildProcessError:
             return
         time.sleep(0.01)
+
+
+def _oom_kills(cgroup: str) -> int:
+    for name in ("memory.oom_control", "memory.events"):  # cgroup v1, v2
+        for line in _read(os.path.join(cgroup, name)).splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    return 0
 
 
 def _read(path: str) -> str:

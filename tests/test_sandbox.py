@@ -181,6 +181,32 @@ def test_death_is_reported_by_the_warden():
             box.call("add", (1, 2))
 
 
+def test_the_cpu_limit_is_a_timeout_even_for_pid_1():
+    with Sandbox(Limits(cpu=1)) as box:
+        box.load(PROGRAM, timeout=5)
+        with pytest.raises(TimedOut, match="CPU time limit"):
+            box.call("spin", timeout=30)
+
+
+def test_running_out_of_memory_is_reported():
+    program = """
+import os, time
+def grab():
+    if os.fork() == 0:
+        block = b"x" * (120 << 20)
+        time.sleep(30)
+    time.sleep(0.5)
+    mine = b"y" * (200 << 20)  # the biggest process, so the one the OOM killer picks
+    return len(mine)
+"""
+    with Sandbox(Limits(memory=250 << 20)) as box:
+        if "memory_cgroup" not in box.protections:
+            pytest.skip("no memory cgroup on this machine")
+        box.load(program, timeout=5)
+        with pytest.raises(Aborted, match=r"ran out of memory \(limit 250 MiB\)"):
+            box.call("grab", timeout=20)
+
+
 def test_replies_over_the_limit_are_refused():
     with Sandbox(Limits(reply=10_000)) as box:
         box.load(PROGRAM, timeout=5)
