@@ -554,7 +554,10 @@ def _warden(cfg: dict, ctl: int, status: int, req: int, rep: int, out: int) -> N
     # the program ignores SIGXCPU and dies only by the SIGKILL at the hard limit.
     report = f"signal {os.WTERMSIG(wstatus)}" if os.WIFSIGNALED(wstatus) else f"exit {os.WEXITSTATUS(wstatus)}"
     oom = any(_oom_kills(path) for path in cgroups)
-    os.write(status, f"{report} {usage.ru_utime + usage.ru_stime:.3f} {int(oom)}\n".encode())
+    try:
+        os.write(status, f"{report} {usage.ru_utime + usage.ru_stime:.3f} {int(oom)}\n".encode())
+    except BrokenPipeError:  # the caller died: clean up all the same
+        pass
     # With a pid namespace its init's death has already killed the rest (and forking into the dead
     # namespace would fail); without one, sweep the uid (as root the program always dropped to it).
     _sweep(uid if root and "pid" not in active else None, cgroups)

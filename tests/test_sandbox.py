@@ -417,6 +417,34 @@ def test_without_namespaces_or_cgroups_the_uid_still_contains_the_program():
         bystander.wait()
 
 
+def test_nothing_outlives_a_caller_that_is_killed():
+    caller = subprocess.Popen([sys.executable, "-c", """
+import sys
+from rewards.sandbox import Sandbox
+box = Sandbox()
+box.load("import os, time\\nif os.fork() == 0:\\n    time.sleep(60)\\ndef uid():\\n    return os.getuid()\\n", 5)
+print(box.uid, flush=True)
+sys.stdin.read()
+"""], cwd=os.path.dirname(os.path.dirname(sandbox.__file__)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    uid = int(caller.stdout.readline())
+    running = lambda: [d for d in os.listdir("/proc") if d.isdigit() and _uid_of(d) == uid]  # noqa: E731
+    assert len(running()) == 2
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 10
+    while (running() or glob.glob(f"/sys/fs/cgroup/**/sandbox-{uid}", recursive=True)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running() == [] and glob.glob(f"/sys/fs/cgroup/**/sandbox-{uid}", recursive=True) == []
+
+
+def _uid_of(pid: str):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def test_sandboxes_cannot_touch_each_other():
     with Sandbox() as a, Sandbox() as b:
         assert a.uid != b.uid
