@@ -263,10 +263,13 @@ class Sandbox:
         self._ctl = self._status = self._req = self._rep = self._outr = None  # our ends of the five pipes
         self.uid = UID_BASE + (os.getpid() % (1 << 22)) * SLOTS + self._slot
         try:
-            # The mount point of the private root; without a mount namespace, the working directory itself.
+            # The mount point of the private root; without a mount namespace, `work` inside it is the working
+            # directory. The directory itself stays ours, so the program cannot rename or replace it.
             self._dir = tempfile.mkdtemp(prefix="sandbox-")
+            os.mkdir(os.path.join(self._dir, "work"), 0o700)
             if os.geteuid() == 0:
-                os.chown(self._dir, self.uid, self.uid)
+                os.chmod(self._dir, 0o711)
+                os.chown(os.path.join(self._dir, "work"), self.uid, self.uid)
             ctl_r, self._ctl = self._pipe()
             self._status, status_w = self._pipe()
             req_r, self._req = self._pipe()
@@ -421,11 +424,8 @@ class Sandbox:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
-        if self._dir is not None:
-            try:
-                os.rmdir(self._dir)
-            except OSError:  # only without a mount namespace does the program write into this directory
-                shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:  # the warden removes it; not if the sandbox never started
+            shutil.rmtree(self._dir, ignore_errors=True)
         _slots.give(self._slot)
         self._slot = None
 
@@ -517,8 +517,8 @@ def _warden(cfg: dict, ctl: int, status: int, req: int, rep: int, out: int) -> N
         _sys("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come back to us, to be reaped
     except OSError:
         pass
-    for key, flag in (("net", CLONE_NEWNET), ("pid", CLONE_NEWPID), ("ipc", CLONE_NEWIPC | CLONE_NEWUTS),
-                      ("mount", CLONE_NEWNS)):
+    # The mount namespace is the program's own (see _program): we keep the host's view, to clean up.
+    for key, flag in (("net", CLONE_NEWNET), ("pid", CLONE_NEWPID), ("ipc", CLONE_NEWIPC | CLONE_NEWUTS)):
         if key in skip:
             continue
         try:
@@ -563,6 +563,7 @@ def _warden(cfg: dict, ctl: int, status: int, req: int, rep: int, out: int) -> N
     _sweep(uid if root and "pid" not in active else None, cgroups)
     for path in cgroups:
         _remove_cgroup(path)
+    shutil.rmtree(cfg["dir"], ignore_errors=True)  # fd-based: symlinks the program left are not followed
     os.close(status)
 
 
@@ -672,13 +673,15 @@ def _program(cfg: dict, active: list, cgroups: list[str], req: int, rep: int, ou
     os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
     os.dup2(out, 1)
     os.dup2(out, 2)
-    workdir = cfg["dir"]
-    if "mount" in active:
+    workdir = os.path.join(cfg["dir"], "work")
+    if "mount" not in cfg["skip"]:
         try:
+            _sys("unshare", CLONE_NEWNS)
             _private_root(cfg, "pid" in active)
             workdir = "/sandbox"
+            active.append("mount")
         except OSError:  # e.g. mounting refused by a container's policy: the host's view, file permissions only
-            active.remove("mount")
+            pass
     os.chdir(workdir)
     os.environ.update(HOME=workdir, TMPDIR=workdir)
     # CPU: SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later if it is ignored.

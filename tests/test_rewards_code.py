@@ -16,7 +16,7 @@ from gspo.data import Example
 from rewards import sandbox
 from rewards.code import (Verdict, evaluate_samples_file, pass_at_k, program, read_problems, run_candidate,
                           run_candidates)
-from test_sandbox import sandbox_cgroups, sandbox_pids
+from test_sandbox import our_uids, traces
 
 PROBLEMS = read_problems()
 ADD = PROBLEMS["HumanEval/53"]  # def add(x: int, y: int)
@@ -412,7 +412,7 @@ def world(tmp_path, monkeypatch):
         assert bystander.poll() is None
         assert neighbour.call("ping") == "pong"
         neighbour.close()
-        assert sandbox_pids() == [] and sandbox_cgroups() == []
+        assert traces(our_uids()) == []
         assert run_candidate(ADD, ADD["canonical_solution"]).passed
     finally:
         neighbour.close()

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -15,33 +16,36 @@ from rewards.sandbox import (PROTECTIONS, SKIPPABLE, Aborted, Limits, ProgramErr
                              encode)
 
 
-def sandbox_pids(exclude=()) -> list[int]:
-    """Processes running as any sandbox uid of this test process."""
-    ours = range(sandbox.UID_BASE + (os.getpid() % (1 << 22)) * sandbox.SLOTS,
-                 sandbox.UID_BASE + (os.getpid() % (1 << 22) + 1) * sandbox.SLOTS)
-    found = []
-    for d in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{d}/status") as f:
-                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
-        except (OSError, ValueError, StopIteration):
-            continue
-        if uid in ours and uid not in exclude:
-            found.append(int(d))
-    return found
-
-
-def sandbox_cgroups() -> list[str]:
+def our_uids() -> range:
     base = sandbox.UID_BASE + (os.getpid() % (1 << 22)) * sandbox.SLOTS
-    return [p for p in glob.glob("/sys/fs/cgroup/**/sandbox-*", recursive=True)
-            if base <= int(p.rsplit("-", 1)[1]) < base + sandbox.SLOTS]
+    return range(base, base + sandbox.SLOTS)
+
+
+def _uid_of(pid: str):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def traces(uids: range) -> list[str]:
+    """Processes, cgroups and temporary directories of sandboxes that ran as `uids`."""
+    found = [f"process {d}" for d in os.listdir("/proc") if d.isdigit() and _uid_of(d) in uids]
+    found += [p for p in glob.glob("/sys/fs/cgroup/**/sandbox-*", recursive=True) if int(p.rsplit("-", 1)[1]) in uids]
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), "sandbox-*")):
+        try:
+            if os.stat(os.path.join(d, "work")).st_uid in uids:
+                found.append(d)
+        except OSError:
+            pass
+    return found
 
 
 @pytest.fixture(autouse=True)
 def nothing_left_behind():
     yield
-    assert sandbox_pids() == []
-    assert sandbox_cgroups() == []
+    assert traces(our_uids()) == []
 
 
 def roundtrip(value):
@@ -409,7 +413,7 @@ def test_without_namespaces_or_cgroups_the_uid_still_contains_the_program():
             workdir = box.call("daemon")
             assert os.path.isdir(workdir) and workdir.startswith(os.path.realpath(sandbox.tempfile.gettempdir()))
             assert box.call("forks") < 16  # RLIMIT_NPROC applies to the unprivileged uid
-            assert len(sandbox_pids()) >= 2
+            assert len([t for t in traces(range(box.uid, box.uid + 1)) if t.startswith("process")]) >= 2
         assert bystander.poll() is None
         assert not os.path.exists(workdir)
     finally:
@@ -422,27 +426,19 @@ def test_nothing_outlives_a_caller_that_is_killed():
 import sys
 from rewards.sandbox import Sandbox
 box = Sandbox()
-box.load("import os, time\\nif os.fork() == 0:\\n    time.sleep(60)\\ndef uid():\\n    return os.getuid()\\n", 5)
+box.load("import os, time\\nif os.fork() == 0:\\n    time.sleep(60)\\n", 5)
 print(box.uid, flush=True)
 sys.stdin.read()
 """], cwd=os.path.dirname(os.path.dirname(sandbox.__file__)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     uid = int(caller.stdout.readline())
-    running = lambda: [d for d in os.listdir("/proc") if d.isdigit() and _uid_of(d) == uid]  # noqa: E731
-    assert len(running()) == 2
+    left = traces(range(uid, uid + 1))
+    assert len([t for t in left if t.startswith("process")]) == 2 and len(left) >= 3  # and its directory
     caller.kill()
     caller.wait()
     deadline = time.monotonic() + 10
-    while (running() or glob.glob(f"/sys/fs/cgroup/**/sandbox-{uid}", recursive=True)) and time.monotonic() < deadline:
+    while traces(range(uid, uid + 1)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert running() == [] and glob.glob(f"/sys/fs/cgroup/**/sandbox-{uid}", recursive=True) == []
-
-
-def _uid_of(pid: str):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
-    except (OSError, StopIteration):
-        return None
+    assert traces(range(uid, uid + 1)) == []
 
 
 def test_sandboxes_cannot_touch_each_other():
