@@ -15,28 +15,34 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     """Warm start (if configured) and GSPO training, without Prefect or MLflow."""
+    from gspo import distributed
     from gspo.config import load_config, save_config
     from gspo.data import prepare_splits
-    from gspo.models import pick_device
     from gspo.resolve import resolve_model
     from gspo.sft import warm_start
     from gspo.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    distributed.init_from_env()
+    rank, world = distributed.rank_and_world()
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     splits = prepare_splits(cfg)
-    model_dir = resolve_model(cfg.model, out / "base")
-    if cfg.warm_start.steps and not (out / "warm_start" / "config.json").exists():
-        model_dir = warm_start(cfg, model_dir, splits.warm_start, out / "warm_start")
-    elif cfg.warm_start.steps:
-        model_dir = out / "warm_start"
+    # Rank 0 prepares the base model and warm start; the others wait and then read them.
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        model_dir = resolve_model(cfg.model, out / "base")
+        if cfg.warm_start.steps and not (out / "warm_start" / "config.json").exists():
+            warm_start(cfg, model_dir, splits.warm_start, out / "warm_start")
+    distributed.barrier()
+    model_dir = out / "warm_start" if cfg.warm_start.steps else resolve_model(cfg.model, out / "base")
     res = train(cfg, model_dir, splits.train, splits.held_out, out / "train")
+    if rank:
+        return 0
     print(json.dumps({"final": str(res.final_dir), "best": str(res.best_dir) if res.best_dir else None,
                       "metrics": str(res.metrics_path), "steps": res.steps, "best_eval": res.best_eval,
                       "skipped_updates": res.skipped_updates, "stopped_early": res.stopped_early,
-                      "device": str(pick_device(cfg.train.device))}))
+                      "world_size": world}))
     return 0
 
 

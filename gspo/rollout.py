@@ -1,6 +1,7 @@
 """Rollouts: G sampled completions per prompt, and per-token log-probs of completions under a model."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -48,12 +49,92 @@ def eos_token_ids(tokenizer, model) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+_M1, _M2 = -4658895280553007687, -7723592293110705685  # splitmix64 multipliers as signed int64
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (wrapping multiply; masks turn arithmetic shifts into logical ones)."""
+    x = x ^ ((x >> 30) & 0x3FFFFFFFF)
+    x = x * _M1
+    x = x ^ ((x >> 27) & 0x1FFFFFFFFF)
+    x = x * _M2
+    return x ^ ((x >> 31) & 0x1FFFFFFFF)
+
+
+def gumbel_noise(row_seeds: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
+    """(B, V) Gumbel noise that depends only on (row seed, position, token id).
+
+    Sampling is argmax(logits / T + noise): exactly a draw from softmax(logits / T), and a row's draw does not
+    depend on which other rows share its batch, so a rollout sharded over ranks equals the unsharded one.
+    """
+    v = torch.arange(vocab, device=row_seeds.device, dtype=torch.int64)
+    x = _mix(_mix(row_seeds * 1_000_003 + t)[:, None] + v[None, :])
+    u = ((x >> 11) & ((1 << 53) - 1)).double().add_(0.5).div_(2.0 ** 53)  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u)).float()
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p; the rest get -inf."""
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the nucleus is already full
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+
+
+def _cache_arg(model) -> str:
+    """transformers 5 renamed the KV-cache argument and output field from past_key_values to cache."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_ids: set[int],
+           pad_id: int, temperature: float = 1.0, top_p: float = 1.0, row_seeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode up to max_new_tokens with a KV cache; greedy when row_seeds is None. Returns (B, T) completion ids,
+    padded after each row's EOS."""
+    B = prompt_ids.shape[0]
+    eos = torch.tensor(sorted(eos_ids), device=prompt_ids.device)
+    attn = prompt_mask
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    next_pos = pos[:, -1:] + 1
+    cache_arg = _cache_arg(model)
+    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    tokens = []
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()
+        if row_seeds is None:
+            nxt = logits.argmax(-1)
+        else:
+            logits = logits / temperature
+            if top_p < 1.0:
+                logits = _top_p_filter(logits, top_p)
+            nxt = (logits + gumbel_noise(row_seeds, t, logits.shape[-1])).argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens.append(nxt)
+        done |= torch.isin(nxt, eos)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
+                    **{cache_arg: getattr(out, cache_arg)})
+        next_pos = next_pos + 1
+    return torch.stack(tokens, dim=1)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, max_prompt_length: int = 512, do_sample: bool = True, batch_size: int = 0) -> Rollout:
-    """Sample `group_size` completions for each prompt (greedy when do_sample is False)."""
+             top_p: float = 1.0, max_prompt_length: int = 512, do_sample: bool = True, batch_size: int = 0,
+             row_seeds: torch.Tensor | None = None) -> Rollout:
+    """`group_size` completions for each prompt, groups contiguous; greedy when do_sample is False.
+
+    row_seeds (n_prompts * group_size,) fixes each completion's randomness; without them seeds are drawn from
+    torch's global generator.
+    """
     device = next(model.parameters()).device
     repeated = [p for p in prompts for _ in range(group_size)]
+    if do_sample and row_seeds is None:
+        row_seeds = torch.randint(0, 2**62, (len(repeated),), dtype=torch.int64)
     eos = eos_token_ids(tokenizer, model)
     was_training = model.training
     model.eval()
@@ -61,11 +142,9 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
     step = batch_size or len(repeated)
     for i in range(0, len(repeated), step):
         ids, attn = encode_prompts(tokenizer, repeated[i:i + step], max_prompt_length, device)
-        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=do_sample, max_new_tokens=max_new_tokens,
-                             temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-                             top_k=0 if do_sample else None, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=sorted(eos), use_cache=True)
-        chunks.append((ids, attn, out[:, ids.shape[1]:]))
+        seeds = row_seeds[i:i + step].to(device) if do_sample else None
+        comp = sample(model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id, temperature, top_p, seeds)
+        chunks.append((ids, attn, comp))
     model.train(was_training)
     prompt_ids = _cat_left([c[0] for c in chunks], tokenizer.pad_token_id)
     prompt_mask = _cat_left([c[1] for c in chunks], 0)

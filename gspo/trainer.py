@@ -14,12 +14,12 @@ import numpy as np
 import torch
 
 import rewards
-from gspo import checkpoint
+from gspo import checkpoint, distributed
 from gspo.advantages import group_advantages
 from gspo.config import Config
 from gspo.data import Example, format_prompt
 from gspo.loss import policy_loss
-from gspo.models import load_model, load_tokenizer, make_optimizer, make_scheduler, pick_device
+from gspo.models import load_model, load_tokenizer, make_optimizer, make_scheduler
 from gspo.rollout import Rollout, generate, token_logprobs
 
 
@@ -142,8 +142,11 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
           after_backward: Callable[[torch.nn.Module, int], None] | None = None) -> TrainResult:
     """Run (or resume) GSPO training; every step's metrics go to out_dir/metrics.jsonl and to `on_step`.
 
-    `after_backward(model, update_index)` runs after each accumulated backward pass, before the non-finite
-    guard: a place for gradient surgery or fault injection.
+    Under torch.distributed (launched with torchrun) every rank takes a contiguous share of each step's prompts,
+    whole groups, and gradients are summed across ranks before each update, so the run follows the same
+    trajectory as one process (sampling noise is per completion, not per batch). Rank 0 writes metrics and
+    checkpoints. `after_backward(model, update_index)` runs after each accumulated backward pass, before the
+    non-finite guard: a place for gradient surgery or fault injection.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +156,10 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
         torch.set_num_threads(cfg.train.threads)
     g, o, t = cfg.gspo, cfg.optim, cfg.train
     eps_low, eps_high = g.clip_range()
-    device = pick_device(t.device)
+    rank, world = distributed.rank_and_world()
+    if g.prompts_per_step % world:
+        raise ValueError(f"gspo.prompts_per_step={g.prompts_per_step} must be divisible by the {world} ranks")
+    device = distributed.device(t.device)
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -171,52 +177,58 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
         saved = checkpoint.load(resume_from, model, opt, sched)
         state = TrainState(**saved["state"])
         _set_rng_state(saved["rng"])
-        checkpoint.truncate_metrics(metrics_path, state.step)
-    elif metrics_path.exists():
+        if rank == 0:
+            checkpoint.truncate_metrics(metrics_path, state.step)
+    elif metrics_path.exists() and rank == 0:
         metrics_path.unlink()  # a fresh run: stale metrics from a run that never checkpointed
 
     sampler = PromptSampler(len(train_examples), t.seed, state)
     prompts_text = [format_prompt(tok, e, cfg.data.use_chat_template) for e in train_examples]
     eval_subset = eval_examples[:cfg.data.eval_size] if cfg.data.eval_size else eval_examples
+    P_local = g.prompts_per_step // world
+    B, B_local = g.prompts_per_step * g.group_size, P_local * g.group_size
+    lo = rank * B_local  # this rank's rows are global rows lo .. lo + B_local - 1
     stopped_early = False
     bar = None
-    if t.progress:
+    if t.progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=t.steps, initial=state.step, desc="gspo", unit="step", dynamic_ncols=True)
 
     while state.step < t.steps:
         t0 = time.perf_counter()
-        ids = sampler.take(g.prompts_per_step)
+        ids = sampler.take(g.prompts_per_step)[rank * P_local:(rank + 1) * P_local]
         examples = [train_examples[i] for i in ids for _ in range(g.group_size)]
+        # One seed per completion, from (seed, step, global row): the same draw whatever the sharding.
+        seeds = (t.seed * 1_000_003 + state.step) * B + lo + torch.arange(B_local, dtype=torch.int64)
         roll = generate(model, tok, [prompts_text[i] for i in ids], g.group_size, g.max_new_tokens,
-                        g.temperature, g.top_p, g.max_prompt_length)
+                        g.temperature, g.top_p, g.max_prompt_length, row_seeds=seeds)
         t1 = time.perf_counter()
         reward, per_task = _score(roll.texts, examples)
         adv, zero_groups = group_advantages(reward, g.group_size)
         t2 = time.perf_counter()
 
-        B = len(roll)
-        all_rows = torch.arange(B)
+        local_rows = torch.arange(B_local)
         model.eval()  # old log-probs without dropout, as the policy that sampled
         with torch.no_grad(), _autocast(device):
-            old_logp, entropy = _logprobs(model, roll, all_rows, g.temperature, o.micro_batch_tokens, with_entropy=True)
+            old_logp, entropy = _logprobs(model, roll, local_rows, g.temperature, o.micro_batch_tokens, with_entropy=True)
             ref_logp = None
             if g.beta > 0:
                 ref_model = ref if ref is not None else model
                 with (model.disable_adapter() if ref is None else nullcontext()):
-                    ref_logp, _ = _logprobs(ref_model, roll, all_rows, g.temperature, o.micro_batch_tokens)
+                    ref_logp, _ = _logprobs(ref_model, roll, local_rows, g.temperature, o.micro_batch_tokens)
         model.train()
 
         mask = roll.completion_mask.float()
-        # Shuffle before splitting so each minibatch mixes groups; seeded by the step for exact resume.
+        # Shuffle the global batch before splitting so each minibatch mixes groups; seeded by the step for resume.
         perm = torch.randperm(B, generator=torch.Generator().manual_seed(t.seed * 1_000_003 + state.step))
         mb_metrics = []
         for mb_i, mb in enumerate(perm.chunk(g.num_minibatches)):
+            mine = mb[(mb >= lo) & (mb < lo + B_local)] - lo
             opt.zero_grad(set_to_none=True)
             finite = True
             parts = []
-            for micro in _micro_batches(mb, roll, o.micro_batch_tokens):
+            for micro in (_micro_batches(mine, roll, o.micro_batch_tokens) if len(mine) else []):
                 pids, pm, cids, cm = _trimmed(roll, micro)
                 Tm = cids.shape[1]
                 with _autocast(device):
@@ -227,13 +239,16 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
                 if not torch.isfinite(out.loss):
                     finite = False
                     break
+                # Weighted by rows of the global minibatch: summing over micro-batches and ranks gives its mean.
                 (out.loss * (len(micro) / len(mb))).backward()
                 parts.append((len(micro), out.metrics))
             update_index = state.step * g.num_minibatches + mb_i
             if after_backward is not None and finite:
                 after_backward(model, update_index)
+            finite = distributed.all_finite(finite, device)
             grad_norm = float("nan")
             if finite:
+                distributed.sum_gradients(params)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf")))
                 finite = math.isfinite(grad_norm)
             if finite:
@@ -244,74 +259,69 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
                 state.skipped_updates += 1
                 state.consecutive_skips += 1
             sched.step()
-            mb_metrics.append(_weighted(parts) | {"grad_norm": grad_norm, "skipped": 0.0 if finite else 1.0})
+            mb_metrics.append(distributed.reduce_loss_metrics(parts, device) | {"grad_norm": grad_norm, "skipped": 0.0 if finite else 1.0})
             if state.consecutive_skips >= t.max_consecutive_skips:
                 stopped_early = True
                 break
         t3 = time.perf_counter()
 
         state.step += 1
+        # Per-row signals of the whole global batch, for metrics identical to a single-process run.
         lens = roll.completion_mask.sum(1).float()
-        n_tokens = int(roll.prompt_mask.sum() + roll.completion_mask.sum())
+        ent_sum, ent_n = float((entropy * mask).sum()), float(mask.sum())
+        reward, adv, lens, trunc = (distributed.gather(x, device) for x in (reward, adv, lens, roll.truncated.float()))
+        per_task = distributed.gather_lists(per_task)
+        ent_sum, ent_n, zero_groups, n_tokens = distributed.sum_floats(
+            [ent_sum, ent_n, zero_groups, float(roll.prompt_mask.sum() + roll.completion_mask.sum())], device)
         ok = [m for m in mb_metrics if not m["skipped"]]
-        ratio_min = min((m["ratio_min"] for m in ok), default=float("nan"))
-        ratio_max = max((m["ratio_max"] for m in ok), default=float("nan"))
         m = {
             "step": state.step,
             "reward_mean": float(reward.mean()), "reward_std": float(reward.std(unbiased=False)),
             **{f"reward/{k}": float(np.mean(v)) for k, v in per_task.items()},
             "advantage_mean": float(adv.mean()), "advantage_std": float(adv.std(unbiased=False)),
             "advantage_abs_max": float(adv.abs().max()),
-            "zero_std_group_frac": zero_groups / max(1, g.prompts_per_step),
+            "zero_std_group_frac": zero_groups / g.prompts_per_step,
             **_mean_over(ok, ["ratio_mean", "clip_frac", "clip_frac_low", "clip_frac_high", "loss", "kl"]),
-            "ratio_min": ratio_min, "ratio_max": ratio_max,
-            "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
+            "ratio_min": min((m["ratio_min"] for m in ok), default=float("nan")),
+            "ratio_max": max((m["ratio_max"] for m in ok), default=float("nan")),
+            "entropy": ent_sum / max(ent_n, 1.0),
             "completion_len_mean": float(lens.mean()), "completion_len_max": float(lens.max()),
-            "truncated_frac": float(roll.truncated.float().mean()),
-            "grad_norm": float(np.nanmean([x["grad_norm"] for x in mb_metrics])) if ok else float("nan"),
+            "truncated_frac": float(trunc.mean()),
+            "grad_norm": float(np.mean([x["grad_norm"] for x in ok])) if ok else float("nan"),
             "lr": sched.get_last_lr()[0],
             "skipped_updates": state.skipped_updates,
             "tokens_per_s": n_tokens * (1 + len(mb_metrics)) / (t3 - t0),
             "rollout_tokens_per_s": float(lens.sum()) / (t1 - t0),
             "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_update_s": t3 - t2,
         }
-        if t.eval_every and (state.step % t.eval_every == 0 or state.step == t.steps) and eval_subset:
-            score = evaluate_greedy(model, tok, eval_subset, cfg)
-            m["eval_reward"] = score
-            state.eval_history.append([state.step, score])
-            if state.best_eval is None or score > state.best_eval:
-                state.best_eval = score
-                checkpoint.save_weights(model, tok, out_dir / "best", {"step": state.step, "eval_reward": score})
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        if on_step is not None:
-            on_step(m)
-        if bar is not None:
-            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", clip=f"{m.get('clip_frac', 0):.3f}")
-            bar.update(1)
-        if stopped_early or (t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < t.steps):
-            checkpoint.save(out_dir, state.step, model, tok, opt, sched, state.__dict__, _rng_state(), t.keep_checkpoints)
+        if rank == 0:
+            if t.eval_every and (state.step % t.eval_every == 0 or state.step == t.steps) and eval_subset:
+                score = evaluate_greedy(model, tok, eval_subset, cfg)
+                m["eval_reward"] = score
+                state.eval_history.append([state.step, score])
+                if state.best_eval is None or score > state.best_eval:
+                    state.best_eval = score
+                    checkpoint.save_weights(model, tok, out_dir / "best", {"step": state.step, "eval_reward": score})
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if on_step is not None:
+                on_step(m)
+            if bar is not None:
+                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", clip=f"{m.get('clip_frac', 0):.3f}")
+                bar.update(1)
+            if stopped_early or (t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < t.steps):
+                checkpoint.save(out_dir, state.step, model, tok, opt, sched, state.__dict__, _rng_state(), t.keep_checkpoints)
+        distributed.barrier()
         if stopped_early:
             break
     if bar is not None:
         bar.close()
-    checkpoint.save_weights(model, tok, out_dir / "final", {"step": state.step, "stopped_early": stopped_early})
+    if rank == 0:
+        checkpoint.save_weights(model, tok, out_dir / "final", {"step": state.step, "stopped_early": stopped_early})
+    distributed.barrier()
     best = out_dir / "best"
     return TrainResult(out_dir / "final", best if best.exists() else None, metrics_path, state.step,
                        state.skipped_updates, stopped_early, state.best_eval)
-
-
-def _weighted(parts: list[tuple[int, dict]]) -> dict:
-    """Row-weighted mean of micro-batch metrics (min / max kept as such)."""
-    n = sum(k for k, _ in parts)
-    if not n:
-        return {}
-    keys = parts[0][1].keys()
-    out = {k: sum(k_ * m[k] for k_, m in parts) / n for k in keys}
-    if "ratio_min" in keys:
-        out["ratio_min"] = min(m["ratio_min"] for _, m in parts)
-        out["ratio_max"] = max(m["ratio_max"] for _, m in parts)
-    return out
 
 
 def _mean_over(ms: list[dict], keys: list[str]) -> dict:

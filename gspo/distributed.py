@@ -1,0 +1,131 @@
+"""Data parallelism over torch.distributed: every helper is a no-op in a single process.
+
+Launch with torchrun; `init_from_env` picks NCCL on CUDA and gloo on CPU. Gradients are summed explicitly (in
+buckets) after each accumulated minibatch rather than by a DDP wrapper, because ranks may hold different numbers
+of rows of a minibatch (even none) and the loss is already weighted to the global minibatch.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from gspo.models import pick_device
+
+_BUCKET_ELEMS = 64 * 1024 * 1024  # elements per all-reduce: bounds the flat copy's memory
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes in the environment; False when not launched that way."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return True
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _active() -> bool:
+    return rank_and_world()[1] > 1
+
+
+def device(name: str) -> torch.device:
+    if _active() and torch.cuda.is_available() and name in ("auto", "cuda"):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return pick_device(name)
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def all_finite(flag: bool, dev: torch.device) -> bool:
+    """True only if every rank's flag is: a non-finite loss anywhere skips the update everywhere."""
+    if not _active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    if not _active():
+        return
+    for p in params:
+        if p.grad is None:  # this rank held no rows of the minibatch
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for p in params + [None]:
+        if p is not None:
+            bucket.append(p.grad)
+            size += p.grad.numel()
+        if bucket and (p is None or size >= _BUCKET_ELEMS):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            bucket, size = [], 0
+
+
+_MEAN_KEYS = ("loss", "ratio_mean", "clip_frac", "clip_frac_low", "clip_frac_high", "kl")
+
+
+def reduce_loss_metrics(parts: list[tuple[int, dict]], dev: torch.device) -> dict:
+    """Row-weighted means over micro-batches and ranks; ratio_min / ratio_max stay a min and a max."""
+    n = float(sum(k for k, _ in parts))
+    sums = [sum(k * m.get(key, float("nan")) for k, m in parts) for key in _MEAN_KEYS]
+    lo = min((m["ratio_min"] for _, m in parts), default=float("inf"))
+    hi = max((m["ratio_max"] for _, m in parts), default=float("-inf"))
+    if _active():
+        t = torch.tensor([n] + sums, dtype=torch.float64, device=dev)
+        dist.all_reduce(t)
+        n, sums = float(t[0]), t[1:].tolist()
+        ext = torch.tensor([lo, -hi], dtype=torch.float64, device=dev)
+        dist.all_reduce(ext, op=dist.ReduceOp.MIN)
+        lo, hi = float(ext[0]), -float(ext[1])
+    if n == 0:
+        return {}
+    out = {key: s / n for key, s in zip(_MEAN_KEYS, sums) if s == s}  # NaN: a metric no micro-batch produced
+    return out | {"ratio_min": lo, "ratio_max": hi}
+
+
+def gather(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Concatenate an equally sized 1-D tensor from every rank, in rank order (on the CPU)."""
+    if not _active():
+        return x
+    x = x.to(dev)
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x)
+    return torch.cat(out).cpu()
+
+
+def gather_lists(d: dict[str, list]) -> dict[str, list]:
+    if not _active():
+        return d
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, d)
+    merged: dict[str, list] = {}
+    for p in parts:
+        for k, v in p.items():
+            merged.setdefault(k, []).extend(v)
+    return merged
+
+
+def sum_floats(xs: list[float], dev: torch.device) -> list[float]:
+    if not _active():
+        return [float(x) for x in xs]
+    t = torch.tensor(xs, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.tolist()
