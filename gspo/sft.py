@@ -45,7 +45,7 @@ def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if on_step is not None:
-            on_step({"step": step + 1, "sft_loss": float(loss)})
+            on_step({"step": step + 1, "sft_loss": loss.item()})
     return checkpoint.save_weights(model, tok, Path(out_dir), {"warm_start_steps": w.steps})
 
 
