@@ -47,9 +47,10 @@ def save(out_dir: Path, step: int, model, tokenizer, opt, sched, state: dict, rn
     tmp = _atomic_dir(final)
     try:
         save_model(model, tokenizer, tmp / "model")
-        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        torch.save({"trainable": trainable, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "state": dict(state), "rng": rng}, tmp / "trainer_state.pt")
+        saved = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": dict(state), "rng": rng}
+        if _is_peft(model):  # model/ holds merged weights; resuming needs the adapter itself
+            saved["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save(saved, tmp / "trainer_state.pt")
         _commit(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -74,13 +75,34 @@ def latest(out_dir: Path) -> Path | None:
 def load(ckpt: Path, model, opt, sched) -> dict:
     # weights_only=False: the file holds Python RNG state and is written by this trainer only.
     saved = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in saved["trainable"].items():
-            params[name].copy_(value)
+    if "trainable" in saved:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in saved["trainable"].items():
+                params[name].copy_(value)
+    else:
+        _load_full_weights(model, ckpt / "model")
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
     return saved
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "merge_and_unload")
+
+
+def _load_full_weights(model, model_dir: Path) -> None:
+    """Copy the saved safetensors shards into the live model, so the optimizer keeps its parameter objects."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if getattr(model.config, "tie_word_embeddings", False) and k.startswith("lm_head")}
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{model_dir}: checkpoint does not match the model "
+                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
 
 def truncate_metrics(path: Path, step: int) -> None:

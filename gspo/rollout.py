@@ -84,7 +84,8 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def _cache_arg(model) -> str:
     """transformers 5 renamed the KV-cache argument and output field from past_key_values to cache."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps forward in **kwargs
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 @torch.no_grad()

@@ -154,3 +154,18 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path):
     m2 = (tmp_path / "killed" / "train" / "metrics.jsonl").read_text().splitlines()
     strip = lambda rows: [{k: v for k, v in json.loads(r).items() if not k.startswith(("time_", "tokens_per_s", "rollout_tokens"))} for r in rows]
     assert strip(m1) == strip(m2)
+
+
+def test_lora_with_gradient_checkpointing_trains_resumes_and_saves_merged_weights(tiny_dir, tmp_path):
+    base = ["model.lora_r=4", "model.lora_target_modules=q_proj,v_proj", "model.gradient_checkpointing=true",
+            "train.checkpoint_every=1"]
+    s = prepare_splits(load_config(None, SMALL))
+    tr = _dense(s.train)
+    straight = train(load_config(None, SMALL + base + ["train.steps=2"]), tiny_dir, tr, s.held_out, tmp_path / "a")
+    train(load_config(None, SMALL + base + ["train.steps=1"]), tiny_dir, tr, s.held_out, tmp_path / "b")
+    resumed = train(load_config(None, SMALL + base + ["train.steps=2"]), tiny_dir, tr, s.held_out, tmp_path / "b")
+    a, b, w0 = _weights(straight.final_dir), _weights(resumed.final_dir), _weights(tiny_dir)
+    assert a.keys() == w0.keys()  # merged: a plain transformers checkpoint, no adapter keys
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    changed = [k for k in a if not torch.equal(a[k], w0[k])]
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
