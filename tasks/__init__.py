@@ -1,0 +1,26 @@
+"""Prefect tasks around the `gspo` and `rewards` library: one task per pipeline stage.
+
+Importing this package sets offline-friendly defaults before Prefect or MLflow read their settings, so it
+must come before `import prefect` (flows/__init__.py imports it first). Values already in the environment win.
+"""
+import os
+
+_DEFAULTS = {
+    # The temporary local server and the MLflow store live in the working directory, not in $HOME.
+    "PREFECT_HOME": os.path.abspath(".gspo/prefect"),
+    "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true",
+    # A loaded CPU machine needs more than the default 20 s to migrate and start the temporary server.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    # transformers draws a bar for every load and save; the stages draw their own.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+for _k, _v in _DEFAULTS.items():
+    os.environ.setdefault(_k, _v)
+# The temporary server cannot create its database in a directory that does not exist yet.
+os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)

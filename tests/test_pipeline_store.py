@@ -1,0 +1,83 @@
+"""Stage directories: built aside and renamed into place, built once when runs race, resumable work kept."""
+import threading
+import time
+
+import pytest
+
+import tasks  # noqa: F401  (offline Prefect / MLflow defaults before prefect is imported)
+from gspo.config import load_config
+from tasks.common import FilesRead, build, pick
+
+
+def test_racing_runs_of_one_stage_build_it_once_and_share_the_result(tmp_path):
+    final, calls, results = tmp_path / "train" / "k1", [], []
+
+    def make(work):
+        calls.append(work)
+        time.sleep(0.3)  # long enough for the other threads to arrive while this one builds
+        (work / "weights.bin").write_bytes(b"w")
+        return {"weights": str(work / "weights.bin"), "n": 1}
+
+    threads = [threading.Thread(target=lambda: results.append(build(final, make))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert results == [{"weights": str(final / "weights.bin"), "n": 1}] * 4  # paths point at the final place
+    assert (final / "weights.bin").read_bytes() == b"w"
+    assert sorted(p.name for p in final.parent.iterdir()) == [".k1.lock", "k1"]
+
+
+def test_different_keys_build_side_by_side(tmp_path):
+    a = build(tmp_path / "s" / "a", lambda w: {"v": "a"})
+    b = build(tmp_path / "s" / "b", lambda w: {"v": "b"})
+    assert (a, b) == ({"v": "a"}, {"v": "b"})
+
+
+def test_a_failed_build_leaves_nothing_a_later_run_would_trust(tmp_path):
+    final = tmp_path / "eval" / "k"
+
+    def broken(work):
+        (work / "half.jsonl").write_text("{")
+        raise ValueError("bad data")
+
+    with pytest.raises(ValueError, match="bad data"):
+        build(final, broken)
+    assert not final.exists() and [p.name for p in final.parent.iterdir()] == [".k.lock"]
+    assert build(final, lambda w: {"ok": True}) == {"ok": True}
+
+
+def test_a_resumable_stage_keeps_its_work_for_the_next_attempt(tmp_path):
+    final, seen = tmp_path / "train" / "k", []
+
+    def crash(work):
+        (work / "checkpoint").write_text("step 2")
+        raise RuntimeError("killed")
+
+    def resume(work):
+        seen.append((work / "checkpoint").read_text())
+        return {"ckpt": str(work / "checkpoint")}
+
+    with pytest.raises(RuntimeError):
+        build(final, crash, resumable=True)
+    assert build(final, resume, resumable=True) == {"ckpt": str(final / "checkpoint")}
+    assert seen == ["step 2"] and not (final.parent / ".k.work").exists()
+
+
+def test_pick_keeps_only_what_a_stage_reads_and_never_the_progress_switch():
+    cfg = load_config(None, ["train.progress=false", "train.seed=3"])
+    assert pick(cfg, {"train": ["seed"], "model": ["name"]}) == {"train": {"seed": 3}, "model": {"name": "tiny"}}
+    assert "progress" not in pick(cfg, {"train": True})["train"]
+
+
+def test_files_read_follows_file_contents(tmp_path):
+    f = tmp_path / "test.jsonl"
+    policy = FilesRead(files=lambda inputs: [inputs["path"]])
+    key = lambda: policy.compute_key(None, {"path": str(f)}, {})  # noqa: E731
+    missing = key()
+    f.write_text("a\n")
+    first = key()
+    assert first != missing and key() == first
+    f.write_text("b\n")
+    assert key() != first
