@@ -1,0 +1,231 @@
+"""The train-eval flow end to end under a Prefect test server, with a real MLflow store: caching across
+runs, what a training change reruns, retrying a failed flow run, registration, promotion, the report."""
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+import tasks  # noqa: F401  (offline Prefect / MLflow defaults before prefect is imported)
+import mlflow.artifacts
+import torch
+from mlflow import MlflowClient
+from prefect import flow
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+from transformers import AutoModelForCausalLM
+
+from flows.evaluate import evaluate_model
+from flows.promote import promote
+from flows.train_eval import train_eval
+from gspo.resolve import dir_hash
+from tasks.registry import aliases, register_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "gspo-test"
+# About 30 s of stages on 2 CPU cores: a short warm start, 3 GSPO steps, 20 evaluation problems.
+SMALL = ["warm_start.steps=20", "warm_start.batch_size=8", "train.steps=3", "train.eval_every=3", "train.threads=1",
+         "train.progress=false", "gspo.prompts_per_step=4", "gspo.group_size=4", "gspo.max_new_tokens=4",
+         "data.eval_size=20", "eval.limit=20", "eval.max_new_tokens=4", "eval.batch_size=20", "optim.lr=1e-3",
+         f"pipeline.registered_model={NAME}"]
+FIRST_STAGES = {"prepare-data", "snapshot-model", "warm-start", "train-gspo", "register-checkpoint",
+                "evaluate-arithmetic-base", "evaluate-arithmetic-trained", "promotion-gate", "report"}
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    """A Prefect test server, PREFECT_HOME, artifact root and MLflow store, all private to this module."""
+    d = tmp_path_factory.mktemp("pipeline")
+    with temporary_settings({PREFECT_HOME: d / "prefect"}), prefect_test_harness(server_startup_timeout=180):
+        uri = f"sqlite:///{d / 'mlflow.db'}"
+        yield {"dir": d, "uri": uri, "base": SMALL + [f"pipeline.artifact_root={d / 'artifacts'}",
+                                                        f"pipeline.mlflow_tracking_uri={uri}"],
+               "api_url": PREFECT_API_URL.value()}
+
+
+def run(overrides: list[str]):
+    t0 = time.perf_counter()
+    state = train_eval(config_path=None, overrides=overrides, return_state=True)
+    return state, time.perf_counter() - t0
+
+
+def task_states(flow_run_id, since: datetime | None = None, expect: int = 1) -> dict[str, str]:
+    """Stage name -> state name of a flow run's task runs (those created after `since`). The server records
+    task run states from events, so wait until every expected run has reached a final state."""
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as c:
+        while True:
+            runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            runs = [r for r in runs if since is None or r.created > since]
+            if len(runs) >= expect and all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                return {_stage(r.name): r.state.name for r in runs}
+            time.sleep(0.5)
+
+
+def _stage(task_run_name: str) -> str:
+    base, _, suffix = task_run_name.rpartition("-")
+    return base if len(suffix) == 3 and all(ch in "0123456789abcdef" for ch in suffix) else task_run_name
+
+
+@pytest.fixture(scope="module")
+def first(space):
+    state, seconds = run(space["base"])
+    assert state.is_completed(), state.message
+    fid = state.state_details.flow_run_id
+    return {"result": state.result(), "seconds": seconds, "flow_run_id": fid,
+            "stages": task_states(fid, expect=len(FIRST_STAGES))}
+
+
+def test_first_run_computes_every_stage_and_registers_a_champion(space, first):
+    r = first["result"]
+    assert first["stages"] == dict.fromkeys(FIRST_STAGES, "Completed")
+    assert r["registered_model"] == NAME and r["version"] == "1" and r["promoted"] and r["gate_reason"] == "no champion yet"
+    assert set(r["scores"]) == {"arithmetic"} and set(r["scores"]["arithmetic"]) == {"base", "trained"}
+    c = MlflowClient(space["uri"], space["uri"])
+    v = c.get_model_version(NAME, "1")
+    assert v.run_id == r["mlflow_run_id"]
+    assert v.tags["checkpoint_hash"] == dir_hash(r["checkpoint"])
+    assert v.tags["prefect_flow_run_id"] == str(first["flow_run_id"])
+    assert v.tags["base_model"].startswith("tiny@") and v.tags["code_version"]
+    assert {"dataset_hash", "config_hash", "reference_hash"} <= set(v.tags)
+    assert v.tags["promotion"] == "promoted: no champion yet"
+    assert v.tags["score.arithmetic"] == str(r["scores"]["arithmetic"]["trained"])
+
+
+def test_the_mlflow_run_holds_config_metrics_datasets_report_and_checkpoint(space, first):
+    r = first["result"]
+    c = MlflowClient(space["uri"], space["uri"])
+    run_ = c.get_run(r["mlflow_run_id"])
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["train.steps"] == "3" and run_.data.params["pipeline.registered_model"] == NAME
+    assert run_.data.tags["prefect.flow_run_id"] == str(first["flow_run_id"])
+    assert [m.step for m in c.get_metric_history(run_.info.run_id, "reward_mean")] == [1, 2, 3]
+    assert len(c.get_metric_history(run_.info.run_id, "warm_start/sft_loss")) == 20
+    delta = r["scores"]["arithmetic"]["trained"] - r["scores"]["arithmetic"]["base"]
+    assert run_.data.metrics["eval/arithmetic/delta"] == pytest.approx(delta)
+    contexts = {t.value for d in run_.inputs.dataset_inputs for t in d.tags}
+    assert contexts == {"train", "held_out", "warm_start"}
+    logged = {a.path for a in c.list_artifacts(run_.info.run_id)}
+    assert {"config.yaml", "report", "checkpoint"} <= logged
+    assert {"report/report.html", "report/report.md", "report/training.png"} <= {
+        a.path for a in c.list_artifacts(run_.info.run_id, "report")}
+
+
+def test_report_is_markdown_plus_a_self_contained_html_page(first):
+    r = first["result"]
+    md, page = Path(r["report"]).read_text(), Path(r["report_html"]).read_text()
+    assert "| task | metric | base | trained | delta |" in md and "| arithmetic | score |" in md
+    assert "![training.png](training.png)" in md and (Path(r["report"]).parent / "training.png").is_file()
+    assert page.count('src="data:image/png;base64,') == 2 and page.count("src=") == 2
+    with get_client(sync_client=True) as c:
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first["flow_run_id"]])))
+    kinds = {(a.type, a.key) for a in arts}
+    assert ("markdown", "gspo-report") in kinds
+    progress = [a for a in arts if a.type == "progress"]
+    assert {a.description for a in progress} >= {"warm start", "gspo training", "evaluate arithmetic base"}
+    assert all(a.data == 100.0 for a in progress)
+
+
+def test_same_config_twice_is_all_cached_and_fast(space, first):
+    state, seconds = run(space["base"])
+    assert state.is_completed()
+    stages = task_states(state.state_details.flow_run_id, expect=len(FIRST_STAGES))
+    assert stages == dict.fromkeys(FIRST_STAGES, "Cached")
+    assert seconds < first["seconds"] / 3, (seconds, first["seconds"])
+    r, r1 = state.result(), first["result"]
+    assert (r["version"], r["scores"], r["report"]) == (r1["version"], r1["scores"], r1["report"])
+    c = MlflowClient(space["uri"], space["uri"])
+    run_ = c.get_run(r["mlflow_run_id"])  # a new MLflow run, filled from the cached stages' outputs
+    assert r["mlflow_run_id"] != r1["mlflow_run_id"] and run_.info.status == "FINISHED"
+    assert [m.step for m in c.get_metric_history(run_.info.run_id, "reward_mean")] == [1, 2, 3]
+    assert [str(v.version) for v in c.search_model_versions(f"name = '{NAME}'")] == ["1"]
+
+
+def test_registering_the_same_checkpoint_again_keeps_one_version(space, first):
+    r = first["result"]
+    checkpoint = {"dir": r["checkpoint"], "hash": dir_hash(r["checkpoint"])}
+
+    @flow
+    def register_again() -> dict:  # past the Prefect cache, so only the registry's own check remains
+        again = register_checkpoint.with_options(cache_policy=NO_CACHE, persist_result=False)
+        return again(space["uri"], NAME, checkpoint, {}, r["mlflow_run_id"], str(space["dir"]))
+
+    assert register_again()["version"] == "1"
+    c = MlflowClient(space["uri"], space["uri"])
+    assert len(c.search_model_versions(f"name = '{NAME}' and tags.checkpoint_hash = '{checkpoint['hash']}'")) == 1
+
+
+def test_champion_loads_back_into_transformers(space, first, tmp_path, monkeypatch):
+    c = MlflowClient(space["uri"], space["uri"])
+    champion = aliases(c, NAME)["champion"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", space["uri"])  # models:/ URIs resolve through the registry it names
+    path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{NAME}@champion", dst_path=str(tmp_path))
+    assert dir_hash(path) == c.get_model_version(NAME, champion).tags["checkpoint_hash"]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.tensor([[5, 6, 7]])
+    assert model(ids).logits.shape[:2] == (1, 3)
+
+
+def test_evaluating_a_registered_version_reuses_the_scores_of_the_same_weights(space, first):
+    state = evaluate_model(model="1", overrides=space["base"], return_state=True)
+    assert state.is_completed()
+    r = state.result()
+    assert r["scores"] == {"arithmetic": first["result"]["scores"]["arithmetic"]["trained"]}
+    stages = task_states(state.state_details.flow_run_id, expect=2)
+    assert stages == {"fetch-version": "Completed", "evaluate-arithmetic-v1": "Cached"}
+
+
+def test_a_training_change_reruns_training_and_after_and_the_gate_can_refuse(space, first):
+    state, _ = run(space["base"] + ["optim.lr=2e-3", "pipeline.gate_min_delta=1.0"])
+    assert state.is_completed()
+    stages = task_states(state.state_details.flow_run_id, expect=len(FIRST_STAGES))
+    cached = {"prepare-data", "snapshot-model", "warm-start", "evaluate-arithmetic-base"}
+    assert stages == {s: "Cached" if s in cached else "Completed" for s in FIRST_STAGES}
+    r = state.result()
+    assert r["version"] == "2" and not r["promoted"] and r["gate_reason"].endswith("<= gate_min_delta 1.0")
+    c = MlflowClient(space["uri"], space["uri"])
+    assert aliases(c, NAME) == {"candidate": "2", "champion": "1"}
+    assert c.get_model_version(NAME, "2").tags["promotion"] == "not promoted: " + r["gate_reason"]
+
+    # The promote flow decides afresh from the recorded scores; a negative margin always promotes.
+    out = promote(version="candidate", overrides=space["base"] + ["pipeline.gate_min_delta=-1"])
+    assert out["version"] == "2" and out["promoted"] and out["champion"] == "2"
+    assert aliases(c, NAME)["champion"] == "2"
+
+
+GSM8K_ROWS = ['{"question": "Tom has 2 apples and buys 2 more. How many apples?", "answer": "2+2=4\\n#### 4"}',
+              '{"question": "What is 3 times 3?", "answer": "3*3=9\\n#### 9"}']
+
+
+def test_a_failed_evaluation_is_retried_without_recomputing_finished_stages(space, first, tmp_path):
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text(GSM8K_ROWS[0] + "\n{broken\n")
+    overrides = space["base"] + ["optim.lr=3e-3", "eval.tasks=[gsm8k,arithmetic]", f"eval.gsm8k_path={data}"]
+    state, _ = run(overrides)
+    assert state.is_failed()
+    fid = state.state_details.flow_run_id
+    before = task_states(fid, expect=5)
+    assert before["train-gspo"] == "Completed" and before["evaluate-gsm8k-base"] == "Failed"
+    c = MlflowClient(space["uri"], space["uri"])
+    [mlrun] = c.search_runs([c.get_experiment_by_name("gspo").experiment_id], f"tags.`prefect.flow_run_id` = '{fid}'")
+    assert mlrun.info.status == "FAILED"
+
+    data.write_text("\n".join(GSM8K_ROWS) + "\n")
+    since = datetime.now(timezone.utc)
+    env = {**os.environ, "PREFECT_API_URL": space["api_url"], "PREFECT_HOME": str(space["dir"] / "prefect")}
+    retry = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", str(fid),
+                            "--entrypoint", "flows/train_eval.py:train_eval"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+    after = task_states(fid, since=since, expect=len(FIRST_STAGES) + 2)
+    done_before = {s for s, st in before.items() if st == "Completed"}
+    assert done_before and all(after[s] == "Cached" for s in done_before)
+    assert after["evaluate-gsm8k-base"] == after["evaluate-gsm8k-trained"] == "Completed"
+    [mlrun] = c.search_runs([c.get_experiment_by_name("gspo").experiment_id], f"tags.`prefect.flow_run_id` = '{fid}'")
+    assert mlrun.info.status == "FINISHED" and "eval/gsm8k/trained/score" in mlrun.data.metrics
