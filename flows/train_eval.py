@@ -7,6 +7,7 @@ Every stage is a cached Prefect task (tasks/); a rerun recomputes only the stage
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import tasks  # noqa: F401  (offline defaults before prefect is imported, also when loaded as a file)
@@ -119,4 +120,6 @@ def run_from_cli(config_path: str | None, overrides: list[str] | tuple = ()) -> 
     before any server starts; the flow then reads the same file and overrides."""
     check(load_config(config_path, overrides))
     path = str(Path(config_path).resolve()) if config_path else None
-    return train_eval(config_path=path, overrides=list(overrides))
+    result = train_eval(config_path=path, overrides=list(overrides))
+    logging.getLogger("prefect").setLevel(logging.WARNING)  # keeps the server's shutdown line after the summary quiet
+    return result

@@ -108,7 +108,8 @@ def log_scores(c: MlflowClient, run_id: str, results: dict) -> None:
     metrics, now = [], int(time.time() * 1000)
     for t, by_model in results.items():
         for which, m in by_model.items():
-            metrics += [Metric(f"eval/{t}/{which}/{k}", float(v), now, 0) for k, v in m.items()
+            # MLflow metric names cannot hold "@": pass@1 is logged as pass_at_1.
+            metrics += [Metric(f"eval/{t}/{which}/{k.replace('@', '_at_')}", float(v), now, 0) for k, v in m.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if {"base", "trained"} <= set(by_model):
             metrics.append(Metric(f"eval/{t}/delta", by_model["trained"]["score"] - by_model["base"]["score"], now, 0))
