@@ -182,7 +182,8 @@ def test_evaluating_a_registered_version_reuses_the_scores_of_the_same_weights(s
 
 
 def test_a_training_change_reruns_training_and_after_and_the_gate_can_refuse(space, first):
-    state, _ = run(space["base"] + ["optim.lr=2e-3", "pipeline.gate_min_delta=1.0"])
+    # Weight decay moves the weights even in steps where every group's rewards tie, so this is a new checkpoint.
+    state, _ = run(space["base"] + ["optim.weight_decay=0.01", "pipeline.gate_min_delta=1.0"])
     assert state.is_completed()
     stages = task_states(state.state_details.flow_run_id, expect=len(FIRST_STAGES))
     cached = {"prepare-data", "snapshot-model", "warm-start", "evaluate-arithmetic-base"}
@@ -206,7 +207,7 @@ GSM8K_ROWS = ['{"question": "Tom has 2 apples and buys 2 more. How many apples?"
 def test_a_failed_evaluation_is_retried_without_recomputing_finished_stages(space, first, tmp_path):
     data = tmp_path / "gsm8k.jsonl"
     data.write_text(GSM8K_ROWS[0] + "\n{broken\n")
-    overrides = space["base"] + ["optim.lr=3e-3", "eval.tasks=[gsm8k,arithmetic]", f"eval.gsm8k_path={data}"]
+    overrides = space["base"] + ["optim.weight_decay=0.02", "eval.tasks=[gsm8k,arithmetic]", f"eval.gsm8k_path={data}"]
     state, _ = run(overrides)
     assert state.is_failed()
     fid = state.state_details.flow_run_id
