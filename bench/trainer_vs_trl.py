@@ -40,8 +40,8 @@ from gspo.rollout import generate, token_logprobs  # noqa: E402
 from gspo.tiny import save_tiny  # noqa: E402
 from gspo.trainer import train  # noqa: E402
 
-# The comparison's fixed choices on top of the project defaults: plain AdamW (TRL has no 8-bit CPU path to
-# match), no held-out evaluation or checkpoints inside the timed loop.
+# The comparison's fixed choices on top of the project defaults: torch's AdamW on both sides, so the optimizer
+# is the same code; no held-out evaluation or checkpoints inside the timed loop.
 BENCH = ["optim.optimizer=adamw", "train.eval_every=0", "train.checkpoint_every=0", "train.progress=false"]
 
 
