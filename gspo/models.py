@@ -68,7 +68,8 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opti
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kw)
-    return torch.optim.AdamW(params, **kw)
+    # The fused kernel is several times faster than the per-tensor loop, on the CPU too.
+    return torch.optim.AdamW(params, fused=all(p.is_floating_point() for p in params), **kw)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_updates: int):

@@ -15,13 +15,17 @@ class Rollout:
     completion_mask: torch.Tensor  # (B, T) 1 up to and including EOS
     truncated: torch.Tensor  # (B,) bool: hit max_new_tokens without EOS
     texts: list[str]  # decoded completions, special tokens removed
+    logp: torch.Tensor | None = None  # (B, T) log-probs of the sampled tokens under the sampling policy
+    entropy: torch.Tensor | None = None  # (B, T) entropy of the sampling distribution at each position
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
     def select(self, idx: torch.Tensor) -> "Rollout":
+        pick = lambda x: None if x is None else x[idx]
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
-                       self.completion_mask[idx], self.truncated[idx], [self.texts[i] for i in idx.tolist()])
+                       self.completion_mask[idx], self.truncated[idx], [self.texts[i] for i in idx.tolist()],
+                       pick(self.logp), pick(self.entropy))
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +94,12 @@ def _cache_arg(model) -> str:
 
 @torch.no_grad()
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_ids: set[int],
-           pad_id: int, temperature: float = 1.0, top_p: float = 1.0, row_seeds: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode up to max_new_tokens with a KV cache; greedy when row_seeds is None. Returns (B, T) completion ids,
-    padded after each row's EOS."""
+           pad_id: int, temperature: float = 1.0, top_p: float = 1.0, row_seeds: torch.Tensor | None = None):
+    """Decode up to max_new_tokens with a KV cache; greedy when row_seeds is None.
+
+    Returns (B, T) completion ids, padded after each row's EOS, and when sampling the (B, T) log-probs and
+    entropies of the tempered distribution the tokens were drawn from (None when greedy).
+    """
     B = prompt_ids.shape[0]
     eos = torch.tensor(sorted(eos_ids), device=prompt_ids.device)
     attn = prompt_mask
@@ -101,17 +108,21 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
     next_pos = pos[:, -1:] + 1
     cache_arg = _cache_arg(model)
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
-    tokens = []
+    tokens, logps, ents = [], [], []
     for t in range(max_new_tokens):
         logits = out.logits[:, -1, :].float()
         if row_seeds is None:
             nxt = logits.argmax(-1)
         else:
             logits = logits / temperature
+            lp_all = torch.log_softmax(logits, dim=-1)  # the policy's, before the nucleus cut
             if top_p < 1.0:
                 logits = _top_p_filter(logits, top_p)
             nxt = (logits + gumbel_noise(row_seeds, t, logits.shape[-1])).argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        if row_seeds is not None:
+            logps.append(lp_all.gather(1, nxt[:, None]).squeeze(1))
+            ents.append(-(lp_all.exp() * lp_all).sum(-1))
         tokens.append(nxt)
         done |= torch.isin(nxt, eos)
         if bool(done.all()) or t == max_new_tokens - 1:
@@ -120,7 +131,9 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
         out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
                     **{cache_arg: getattr(out, cache_arg)})
         next_pos = next_pos + 1
-    return torch.stack(tokens, dim=1)
+    if row_seeds is None:
+        return torch.stack(tokens, dim=1), None, None
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1), torch.stack(ents, dim=1)
 
 
 @torch.no_grad()
@@ -144,8 +157,8 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
     for i in range(0, len(repeated), step):
         ids, attn = encode_prompts(tokenizer, repeated[i:i + step], max_prompt_length, device)
         seeds = row_seeds[i:i + step].to(device) if do_sample else None
-        comp = sample(model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id, temperature, top_p, seeds)
-        chunks.append((ids, attn, comp))
+        chunks.append((ids, attn) + sample(model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id,
+                                           temperature, top_p, seeds))
     model.train(was_training)
     prompt_ids = _cat_left([c[0] for c in chunks], tokenizer.pad_token_id)
     prompt_mask = _cat_left([c[1] for c in chunks], 0)
@@ -153,7 +166,11 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
     mask, truncated = completion_mask(comp, eos)
     comp = torch.where(mask.bool(), comp, torch.full_like(comp, tokenizer.pad_token_id))
     texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, comp, mask, truncated, texts)
+    logp = entropy = None
+    if do_sample:
+        logp = _cat_right([c[3] for c in chunks], 0.0) * mask
+        entropy = _cat_right([c[4] for c in chunks], 0.0) * mask
+    return Rollout(prompt_ids, prompt_mask, comp, mask, truncated, texts, logp, entropy)
 
 
 def _cat_left(ts: list[torch.Tensor], pad: int) -> torch.Tensor:

@@ -182,6 +182,9 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
     elif metrics_path.exists() and rank == 0:
         metrics_path.unlink()  # a fresh run: stale metrics from a run that never checkpointed
 
+    # In fp32 without autocast the decoder's log-probs equal a fresh forward pass's to ~1e-6, far inside the
+    # 3e-4 clip, so that forward is skipped; bf16 kernels differ more between the two, so there it is recomputed.
+    sampler_logp_exact = device.type == "cpu" and all(p.dtype == torch.float32 for p in params)
     sampler = PromptSampler(len(train_examples), t.seed, state)
     prompts_text = [format_prompt(tok, e, cfg.data.use_chat_template) for e in train_examples]
     eval_subset = eval_examples[:cfg.data.eval_size] if cfg.data.eval_size else eval_examples
@@ -211,7 +214,10 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
         local_rows = torch.arange(B_local)
         model.eval()  # old log-probs without dropout, as the policy that sampled
         with torch.no_grad(), _autocast(device):
-            old_logp, entropy = _logprobs(model, roll, local_rows, g.temperature, o.micro_batch_tokens, with_entropy=True)
+            if sampler_logp_exact:
+                old_logp, entropy = roll.logp, roll.entropy
+            else:
+                old_logp, entropy = _logprobs(model, roll, local_rows, g.temperature, o.micro_batch_tokens, with_entropy=True)
             ref_logp = None
             if g.beta > 0:
                 ref_model = ref if ref is not None else model
