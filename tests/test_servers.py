@@ -34,7 +34,8 @@ POOL = "gspo-process"
 SMALL = ["model.name=tiny", "warm_start.steps=20", "warm_start.batch_size=8", "train.steps=2", "train.eval_every=2",
          "train.threads=1", "train.progress=false", "gspo.prompts_per_step=4", "gspo.group_size=4",
          "gspo.max_new_tokens=4", "data.eval_size=10", "eval.tasks=[arithmetic]", "eval.limit=10",
-         "eval.max_new_tokens=4", "eval.batch_size=10", "pipeline.gate_metric=arithmetic", "pipeline.compare_grpo=false"]
+         "eval.max_new_tokens=4", "eval.batch_size=10", "pipeline.gate_metric=arithmetic",
+         "pipeline.compare_grpo=false"]
 STAGES = {"prepare-data", "snapshot-model", "warm-start", "train-gspo", "register-checkpoint",
           "evaluate-arithmetic-base", "evaluate-arithmetic-trained", "promotion-gate", "report"}
 LINEAGE = {"dataset_hash", "config_hash", "base_model", "reference_hash", "selected_checkpoint", "code_version",
