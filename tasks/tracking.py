@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
@@ -121,4 +122,11 @@ def log_report(c: MlflowClient, run_id: str, report_dir: str) -> None:
 
 
 def finish(c: MlflowClient, run_id: str, ok: bool) -> None:
-    c.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+    try:
+        c.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+    except MlflowException as e:
+        if ok:
+            raise
+        # The flow is already failing: its own error (say, registration against a dead server) must stay the
+        # one reported, not this follow-up failure to close the run.
+        warnings.warn(f"MLflow run {run_id} left RUNNING: {e}")
