@@ -34,14 +34,22 @@ def make_examples(n: int, seed: int = 0, max_operand: int = 20, ops: str = "+-",
     return out
 
 
-def split(train: int, held_out: int, seed: int = 0, max_operand: int = 20, ops: str = "+-",
-          warm_start: int = 0) -> tuple[list[Example], list[Example], list[Example]]:
-    """(train, held_out, warm_start): held-out problems never appear in the other two.
+def test_set(n: int, seed: int = 0, max_operand: int = 20, ops: str = "+-") -> list[Example]:
+    """The evaluation problems: drawn first, from their own seed stream, so no other split can contain them."""
+    return make_examples(n, seed + 3, max_operand, ops)
 
-    Train and warm-start sizes are capped at the problems left after the held-out set; train=0 takes them all.
+
+def split(train: int, held_out: int, seed: int = 0, max_operand: int = 20, ops: str = "+-",
+          warm_start: int = 0, test: int = 0) -> tuple[list[Example], list[Example], list[Example]]:
+    """(train, held_out, warm_start), all disjoint from `test_set(test, ...)`; held-out problems (used to pick
+    the best checkpoint) never appear in train or warm start either.
+
+    Train and warm-start sizes are capped at the problems left after the held-out and test sets; train=0 takes
+    them all.
     """
-    held = make_examples(held_out, seed + 1, max_operand, ops)
-    excl = {e.prompt for e in held}
+    excl = {e.prompt for e in test_set(test, seed, max_operand, ops)} if test else set()
+    held = make_examples(held_out, seed + 1, max_operand, ops, exclude=excl)
+    excl |= {e.prompt for e in held}
     left = len(problem_space(max_operand, ops)) - len(excl)
     tr = make_examples(min(train, left) if train else left, seed, max_operand, ops, exclude=excl)
     ws = make_examples(min(warm_start, left), seed + 2, max_operand, ops, exclude=excl) if warm_start else []

@@ -48,6 +48,8 @@ class DataConfig:
     use_chat_template: bool = opt(True, "format prompts with the tokenizer's chat template when it has one")
     arithmetic_max_operand: int = opt(20, "arithmetic task: operands are drawn from 0..this")
     arithmetic_ops: str = opt("+-", "arithmetic task: operators to draw from (any of + - *)")
+    arithmetic_demo_styles: list = opt(["{answer}"], "arithmetic task: formats of the warm-start demonstrations, "
+                                       "drawn uniformly (the reward accepts only the bare integer)")
 
 
 @dataclass

@@ -38,13 +38,10 @@ def source_path(task: str, cfg: Config) -> str | None:
 def eval_examples(task: str, cfg: Config) -> list[Example]:
     """The first cfg.eval.limit examples of a task's evaluation split (all when limit is 0).
 
-    arithmetic is the training data's held-out split, so its problems are never trained on."""
+    arithmetic is its own test split: never trained on, and not the held-out split that picks the checkpoint."""
     d, e = cfg.data, cfg.eval
     if task == "arithmetic":
-        n = d.eval_size or e.limit
-        if not n:
-            raise ValueError("arithmetic evaluation needs data.eval_size or eval.limit > 0")
-        examples = arithmetic.split(1, n, d.seed, d.arithmetic_max_operand, d.arithmetic_ops)[1]
+        examples = arithmetic.test_set(e.limit or d.eval_size, d.seed, d.arithmetic_max_operand, d.arithmetic_ops)
     elif task == "gsm8k":
         examples = load_examples("gsm8k", e.gsm8k_path, split="test")
     elif task == "hellaswag":

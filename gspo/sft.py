@@ -13,7 +13,9 @@ from gspo.models import load_model, load_tokenizer, pick_device
 
 
 def target_text(example: Example) -> str:
-    """What the model should write for an example: the reference when it is text (answers, solutions)."""
+    """What the model should write: a demonstration when the data gives one, else the reference itself."""
+    if "demonstration" in example.meta:
+        return example.meta["demonstration"]
     ref = example.reference
     if isinstance(ref, dict) and "canonical_solution" in ref:
         return ref["canonical_solution"]
