@@ -102,7 +102,7 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "step checkpoints kept on disk (best and final are kept apart)")
     eval_every: int = opt(25, "held-out greedy reward every N steps, used to keep the best checkpoint; 0 disables")
     max_consecutive_skips: int = opt(5, "stop (with a checkpoint) after this many consecutive non-finite steps")
-    threads: int = opt(0, "torch CPU threads; 0 leaves the default")
+    threads: int = opt(0, "torch CPU threads for warm start and training; 0 leaves the default")
     progress: bool = opt(True, "show a terminal progress bar")
 
 

@@ -26,6 +26,8 @@ def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_
                on_step=None) -> Path:
     """Fine-tune on (prompt, reference + EOS) pairs for cfg.warm_start.steps steps; save to out_dir."""
     w = cfg.warm_start
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     rng = random.Random(cfg.train.seed)
