@@ -230,3 +230,32 @@ def test_a_failed_evaluation_is_retried_without_recomputing_finished_stages(spac
     assert after["evaluate-gsm8k-base"] == after["evaluate-gsm8k-trained"] == "Completed"
     [mlrun] = c.search_runs([c.get_experiment_by_name("gspo").experiment_id], f"tags.`prefect.flow_run_id` = '{fid}'")
     assert mlrun.info.status == "FINISHED" and "eval/gsm8k/trained/score" in mlrun.data.metrics
+
+
+def test_two_configs_at_once_keep_their_own_artifacts_and_runs(space):
+    """Two flow runs with different settings at the same time, as two workers' processes would run
+    them, against one Prefect server, one artifact root and one MLflow store."""
+    import json
+
+    name = "gspo-concurrent"
+    lrs = ("7e-4", "9e-4")
+    env = dict(os.environ, PREFECT_API_URL=space["api_url"], PYTHONUNBUFFERED="1")
+    MlflowClient(space["uri"]).search_experiments()  # an existing store, as in production: created and migrated once
+    procs = [subprocess.Popen([sys.executable, "-m", "gspo.cli", "run"]
+                              + sum((["--set", o] for o in space["base"] + [f"pipeline.registered_model={name}",
+                                                                            f"optim.lr={lr}", f"warm_start.steps={ws}",
+                                                                            "train.steps=2"]), []),
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for lr, ws in zip(lrs, (20, 24))]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert results[0]["checkpoint"] != results[1]["checkpoint"]
+    assert results[0]["mlflow_run_id"] != results[1]["mlflow_run_id"]
+    c = MlflowClient(space["uri"])
+    for r, lr in zip(results, lrs):
+        assert float(c.get_run(r["mlflow_run_id"]).data.params["optim.lr"]) == float(lr)
+        # Each checkpoint is intact: its content still has the hash it was registered under.
+        assert c.get_model_version(name, r["version"]).tags["checkpoint_hash"] == dir_hash(r["checkpoint"])
+    assert {str(v.version) for v in c.search_model_versions(f"name='{name}'")} == {str(r["version"]) for r in results}
+    assert len({str(r["version"]) for r in results}) == 2
