@@ -1,0 +1,48 @@
+import pytest
+
+from gspo.config import Config, ConfigError, describe, load_config, save_config
+
+
+def test_defaults_yaml_and_overrides_layer_in_that_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("gspo:\n  group_size: 4\n  temperature: 1\noptim:\n  lr: 3.0e-6\n")
+    cfg = load_config(f, ["gspo.group_size=6", "model.lora_target_modules=q_proj,v_proj", "data.path=none"])
+    assert cfg.gspo.group_size == 6 and cfg.gspo.temperature == 1.0 and isinstance(cfg.gspo.temperature, float)
+    assert cfg.optim.lr == 3e-6 and cfg.model.lora_target_modules == ["q_proj", "v_proj"] and cfg.data.path is None
+    assert cfg.gspo.num_minibatches == 4 and cfg.gspo.clip_range() == (3e-4, 4e-4)
+    assert load_config(None, ["gspo.importance_sampling_level=token"]).gspo.clip_range() == (0.2, 0.2)
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["gspo.group_size=abc"], "invalid config value gspo.group_size: expected int, got 'abc'"),
+    (["gspo.group_size=2.5"], "invalid config value gspo.group_size: expected int, got 2.5"),
+    (["gspo.bogus=1"], "unknown config field gspo.bogus"),
+    (["gspo.importance_sampling_level=seq"], "gspo.importance_sampling_level: 'seq' is not one of"),
+    (["gspo.num_minibatches=0"], "invalid config value gspo.num_minibatches"),
+    (["train.progress=maybe"], "invalid config value train.progress: expected bool"),
+    (["gspo.top_p=1.5"], "invalid config value gspo.top_p: must be in (0, 1]"),
+    (["nosuchsection.x=1"], "unknown config field nosuchsection"),
+    (["gspo.group_size"], "expected section.field=value"),
+])
+def test_bad_values_fail_with_one_line_naming_the_field(overrides, message):
+    with pytest.raises(ValueError) as e:  # ConfigError is a ValueError
+        load_config(None, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("gspo:\n  group_size: 4\n  temperature: [1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_field_has_a_default_and_help_line():
+    rows = describe()
+    assert len(rows) > 50 and all(help_ for _, _, help_ in rows)
+    assert Config().section_hash("gspo") != load_config(None, ["gspo.group_size=3"]).section_hash("gspo")
+    assert Config().section_hash("gspo") == load_config(None, ["optim.lr=1"]).section_hash("gspo")
