@@ -94,23 +94,31 @@ def _cache_arg(model) -> str:
 
 @torch.no_grad()
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_ids: set[int],
-           pad_id: int, temperature: float = 1.0, top_p: float = 1.0, row_seeds: torch.Tensor | None = None):
+           pad_id: int, temperature: float = 1.0, top_p: float = 1.0, row_seeds: torch.Tensor | None = None,
+           rows: torch.Tensor | None = None):
     """Decode up to max_new_tokens with a KV cache; greedy when row_seeds is None.
+
+    rows (B,), when given, is the prompt each completion continues (an index into prompt_ids): each distinct
+    prompt is prefilled once and its cache copied to its rows, so a group of G completions pays for its prompt
+    once instead of G times. Without rows, completion b continues prompt b.
 
     Returns (B, T) completion ids, padded after each row's EOS, and when sampling the (B, T) log-probs and
     entropies of the tempered distribution the tokens were drawn from (None when greedy).
     """
-    B = prompt_ids.shape[0]
     eos = torch.tensor(sorted(eos_ids), device=prompt_ids.device)
     attn = prompt_mask
     pos = (attn.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    next_pos = pos[:, -1:] + 1
     cache_arg = _cache_arg(model)
+    logits, cache, next_pos = out.logits[:, -1, :], getattr(out, cache_arg), pos[:, -1:] + 1
+    if rows is not None:
+        cache.batch_select_indices(rows)
+        logits, attn, next_pos = logits[rows], attn[rows], next_pos[rows]
+    B = attn.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     tokens, logps, ents = [], [], []
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float()
+        logits = logits.float()
         if row_seeds is None:
             nxt = logits.argmax(-1)
         else:
@@ -129,8 +137,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
             break
         attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
         out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
-                    **{cache_arg: getattr(out, cache_arg)})
-        next_pos = next_pos + 1
+                    **{cache_arg: cache})
+        logits, cache, next_pos = out.logits[:, -1, :], getattr(out, cache_arg), next_pos + 1
     if row_seeds is None:
         return torch.stack(tokens, dim=1), None, None
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1), torch.stack(ents, dim=1)
@@ -146,19 +154,22 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
     torch's global generator.
     """
     device = next(model.parameters()).device
-    repeated = [p for p in prompts for _ in range(group_size)]
+    n_rows = len(prompts) * group_size
     if do_sample and row_seeds is None:
-        row_seeds = torch.randint(0, 2**62, (len(repeated),), dtype=torch.int64)
+        row_seeds = torch.randint(0, 2**62, (n_rows,), dtype=torch.int64)
     eos = eos_token_ids(tokenizer, model)
     was_training = model.training
     model.eval()
     chunks = []
-    step = batch_size or len(repeated)
-    for i in range(0, len(repeated), step):
-        ids, attn = encode_prompts(tokenizer, repeated[i:i + step], max_prompt_length, device)
-        seeds = row_seeds[i:i + step].to(device) if do_sample else None
-        chunks.append((ids, attn) + sample(model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id,
-                                           temperature, top_p, seeds))
+    step = batch_size or n_rows
+    for i in range(0, n_rows, step):
+        j = min(i + step, n_rows)  # completion rows i .. j-1; a chunk may start or end inside a group
+        first, last = i // group_size, (j - 1) // group_size
+        ids, attn = encode_prompts(tokenizer, prompts[first:last + 1], max_prompt_length, device)
+        rows = torch.arange(i, j, device=device) // group_size - first
+        seeds = row_seeds[i:j].to(device) if do_sample else None
+        chunks.append((ids[rows], attn[rows]) + sample(model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id,
+                                                       temperature, top_p, seeds, rows=rows))
     model.train(was_training)
     prompt_ids = _cat_left([c[0] for c in chunks], tokenizer.pad_token_id)
     prompt_mask = _cat_left([c[1] for c in chunks], 0)

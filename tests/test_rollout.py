@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gspo.models import load_tokenizer
-from gspo.rollout import completion_mask, generate, gumbel_noise, token_logprobs
+from gspo.rollout import completion_mask, encode_prompts, eos_token_ids, generate, gumbel_noise, sample, token_logprobs
 from gspo.tiny import save_tiny
 
 PROMPTS = [f"{a}+{b}=" for a in range(3, 15) for b in (4, 11)]
@@ -31,8 +31,25 @@ def test_sampling_does_not_depend_on_batch_composition(tiny):
     first = generate(model, tok, PROMPTS[:9], 4, 6, row_seeds=seeds[:36])
     rest = generate(model, tok, PROMPTS[9:], 4, 6, row_seeds=seeds[36:])
     assert whole.texts == first.texts + rest.texts
+    chunked = generate(model, tok, PROMPTS, 4, 6, row_seeds=seeds, batch_size=6)  # chunks that split groups
+    assert torch.equal(chunked.completion_ids, whole.completion_ids)
+    assert torch.equal(chunked.prompt_ids, whole.prompt_ids)
     other = generate(model, tok, PROMPTS, 4, 6, row_seeds=seeds + 1)
     assert other.texts != whole.texts
+
+
+def test_prefilling_each_prompt_once_equals_prefilling_every_row(tiny):
+    model, tok = tiny
+    G = 4
+    seeds = torch.arange(len(PROMPTS) * G) + 99
+    eos = eos_token_ids(tok, model)
+    ids, attn = encode_prompts(tok, PROMPTS, 64, "cpu")
+    rows = torch.arange(len(PROMPTS)).repeat_interleave(G)
+    once = sample(model, ids, attn, 6, eos, tok.pad_token_id, 0.7, 0.9, seeds, rows=rows)
+    every = sample(model, ids[rows], attn[rows], 6, eos, tok.pad_token_id, 0.7, 0.9, seeds)
+    assert torch.equal(once[0], every[0])
+    assert (once[1] - every[1]).abs().max() <= 1e-6 and (once[2] - every[2]).abs().max() <= 1e-5
+    assert len(set(map(tuple, once[0].tolist()))) > len(PROMPTS)  # the copies of a prompt sample apart
 
 
 def test_gumbel_argmax_draws_from_the_softmax():
