@@ -50,6 +50,7 @@ def test_prefilling_each_prompt_once_equals_prefilling_every_row(tiny):
     assert torch.equal(once[0], every[0])
     assert (once[1] - every[1]).abs().max() <= 1e-6 and (once[2] - every[2]).abs().max() <= 1e-5
     assert len(set(map(tuple, once[0].tolist()))) > len(PROMPTS)  # the copies of a prompt sample apart
+    assert not any(x.is_inference() for x in once)  # decoded under inference_mode, handed out trainable
 
 
 def test_gumbel_argmax_draws_from_the_softmax():
