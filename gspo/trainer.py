@@ -209,6 +209,7 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
         t1 = time.perf_counter()
         reward, per_task = _score(roll.texts, examples)
         adv, zero_groups = group_advantages(reward, g.group_size)
+        adv = adv.to(device)
         t2 = time.perf_counter()
 
         local_rows = torch.arange(B_local)
