@@ -48,8 +48,6 @@ class DataConfig:
     use_chat_template: bool = opt(True, "format prompts with the tokenizer's chat template when it has one")
     arithmetic_max_operand: int = opt(20, "arithmetic task: operands are drawn from 0..this")
     arithmetic_ops: str = opt("+-", "arithmetic task: operators to draw from (any of + - *)")
-    arithmetic_demo_styles: list = opt(["{answer}"], "arithmetic task: formats of the warm-start demonstrations, "
-                                       "drawn uniformly (the reward accepts only the bare integer)")
 
 
 @dataclass
@@ -58,6 +56,8 @@ class WarmStartConfig:
     lr: float = opt(1e-3, "warm-start learning rate")
     batch_size: int = opt(32, "warm-start batch size")
     examples: int = opt(1000, "examples drawn for the warm start (a separate seed from training data)")
+    stop_reward: float = opt(0.0, "stop early once the greedy reward on warm-start examples kept out of its training "
+                                  "(256, at most a quarter) reaches this; checked every 25 steps; 0 uses them all")
 
 
 @dataclass

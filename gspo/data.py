@@ -264,11 +264,6 @@ def prepare_splits(cfg) -> Splits:
         # The evaluation's test problems (gspo.evaluate) are kept out of every split here.
         tr, held, ws = split(d.train_size, d.eval_size, d.seed, d.arithmetic_max_operand, d.arithmetic_ops,
                              w.examples if w.steps else 0, test=cfg.eval.limit or d.eval_size)
-        styles, rng = list(d.arithmetic_demo_styles), random.Random(d.seed)
-        try:
-            ws = [replace(e, meta={**e.meta, "demonstration": rng.choice(styles).format(answer=e.reference)}) for e in ws]
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"invalid config value data.arithmetic_demo_styles: {styles!r} ({err})") from None
         return Splits(tr, held, ws)
     examples = load_examples(d.source, d.path, "train", reward=d.reward)
     order = random.Random(d.seed).sample(range(len(examples)), len(examples))

@@ -10,12 +10,13 @@ from gspo import checkpoint
 from gspo.config import Config
 from gspo.data import Example, format_prompt
 from gspo.models import load_model, load_tokenizer, pick_device
+from gspo.trainer import evaluate_greedy
+
+_PROBE_SIZE, _PROBE_EVERY = 256, 25  # examples held back for stop_reward (at most a quarter), steps between scores
 
 
 def target_text(example: Example) -> str:
-    """What the model should write: a demonstration when the data gives one, else the reference itself."""
-    if "demonstration" in example.meta:
-        return example.meta["demonstration"]
+    """What the model should write: the canonical solution for code, else the reference itself."""
     ref = example.reference
     if isinstance(ref, dict) and "canonical_solution" in ref:
         return ref["canonical_solution"]
@@ -24,7 +25,11 @@ def target_text(example: Example) -> str:
 
 def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_dir: str | Path,
                on_step=None) -> Path:
-    """Fine-tune on (prompt, reference + EOS) pairs for cfg.warm_start.steps steps; save to out_dir."""
+    """Fine-tune on (prompt, reference + EOS) pairs for cfg.warm_start.steps steps; save to out_dir.
+
+    With warm_start.stop_reward set, a slice of the examples is kept out of training, and the warm start stops
+    as soon as the greedy reward on that slice reaches it.
+    """
     w = cfg.warm_start
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -34,13 +39,21 @@ def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, cfg.model, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=w.lr, weight_decay=0.0)
-    pairs = [(format_prompt(tok, e, cfg.data.use_chat_template), target_text(e) + tok.eos_token) for e in examples]
-    for step in range(w.steps):
-        batch = rng.sample(pairs, min(w.batch_size, len(pairs)))
-        ids, labels = _encode(tok, batch, cfg.gspo.max_prompt_length + cfg.gspo.max_new_tokens)
+    probe = []
+    if w.stop_reward:
+        # Scored on examples it does not train on: the reward on its own demonstrations would also count
+        # what it has memorised, and the point is to hand GSPO a model that generalises.
+        n = min(_PROBE_SIZE, len(examples) // 4)
+        examples, probe = examples[:-n], examples[-n:]
+    # Tokenised once: on a tiny model, tokenising every batch costs a quarter of the step.
+    rows = [_tokens(tok, format_prompt(tok, e, cfg.data.use_chat_template), target_text(e) + tok.eos_token,
+                    cfg.gspo.max_prompt_length + cfg.gspo.max_new_tokens) for e in examples]
+    step, reward = 0, None
+    for step in range(1, w.steps + 1):
+        ids, labels = _pad(tok, rng.sample(rows, min(w.batch_size, len(rows))))
         ids, labels = ids.to(device), labels.to(device)
         attn = (ids != tok.pad_token_id).long() | (labels != -100).long()
-        lr = w.lr * 0.5 * (1 + torch.cos(torch.tensor(step / max(1, w.steps) * torch.pi))).item()
+        lr = w.lr * 0.5 * (1 + torch.cos(torch.tensor((step - 1) / max(1, w.steps) * torch.pi))).item()
         for group in opt.param_groups:
             group["lr"] = lr
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
@@ -48,20 +61,27 @@ def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        m = {"step": step, "sft_loss": loss.item()}
+        if probe and step % _PROBE_EVERY == 0:
+            # A small model crosses from guessing to computing at a step that varies a lot with the seed;
+            # stopping on its score makes GSPO start from about the same skill, whatever the seed.
+            reward = m["sft_reward"] = evaluate_greedy(model, tok, probe, cfg)
         if on_step is not None:
-            on_step({"step": step + 1, "sft_loss": loss.item()})
-    return checkpoint.save_weights(model, tok, Path(out_dir), {"warm_start_steps": w.steps})
+            on_step(m)
+        if reward is not None and reward >= w.stop_reward:
+            break
+    return checkpoint.save_weights(model, tok, Path(out_dir), {"warm_start_steps": step, "warm_start_reward": reward})
 
 
-def _encode(tok, pairs: list[tuple[str, str]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded prompt+answer ids, with labels only on the answer (-100 elsewhere)."""
-    rows = []
-    for prompt, answer in pairs:
-        p = tok(prompt, add_special_tokens=False).input_ids
-        a = tok(answer, add_special_tokens=False).input_ids
-        ids = (p + a)[-max_len:]
-        lab = ([-100] * len(p) + a)[-max_len:]
-        rows.append((ids, lab))
+def _tokens(tok, prompt: str, answer: str, max_len: int) -> tuple[list[int], list[int]]:
+    """Prompt+answer ids and labels on the answer only (-100 elsewhere), left-cut to max_len."""
+    p = tok(prompt, add_special_tokens=False).input_ids
+    a = tok(answer, add_special_tokens=False).input_ids
+    return (p + a)[-max_len:], ([-100] * len(p) + a)[-max_len:]
+
+
+def _pad(tok, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, labels) tensors of a batch of rows."""
     width = max(len(i) for i, _ in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id)
     labels = torch.full((len(rows), width), -100)
