@@ -373,7 +373,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         device = torch.device("cpu")
     elif torch.cuda.is_available():
-        device = torch.device("cuda")
+        device = torch.device("cuda", torch.cuda.current_device())
     else:
         ap.error("no CUDA device; --smoke runs the same code on the CPU")
 
