@@ -232,6 +232,10 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
         mb_metrics = []
         for mb_i, mb in enumerate(perm.chunk(g.num_minibatches)):
             mine = mb[(mb >= lo) & (mb < lo + B_local)] - lo
+            if g.beta == 0:
+                # A zero advantage (a group whose rewards are all equal) makes a row's loss and gradient exactly
+                # zero, so its forward and backward are skipped; ratio and clip metrics cover trained rows only.
+                mine = mine[adv[mine].cpu() != 0]
             opt.zero_grad(set_to_none=True)
             finite = True
             parts = []
@@ -252,6 +256,9 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
             update_index = state.step * g.num_minibatches + mb_i
             if after_backward is not None and finite:
                 after_backward(model, update_index)
+            for p in params:
+                if p.grad is None:  # no rows here: a zero gradient still moves AdamW's moments, as computing them would
+                    p.grad = torch.zeros_like(p)
             finite = distributed.all_finite(finite, device)
             grad_norm = float("nan")
             if finite:
@@ -289,8 +296,8 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
             "advantage_abs_max": float(adv.abs().max()),
             "zero_std_group_frac": zero_groups / g.prompts_per_step,
             **_mean_over(ok, ["ratio_mean", "clip_frac", "clip_frac_low", "clip_frac_high", "loss", "kl"]),
-            "ratio_min": min((m["ratio_min"] for m in ok), default=float("nan")),
-            "ratio_max": max((m["ratio_max"] for m in ok), default=float("nan")),
+            "ratio_min": min((m["ratio_min"] for m in ok if "ratio_min" in m), default=float("nan")),
+            "ratio_max": max((m["ratio_max"] for m in ok if "ratio_max" in m), default=float("nan")),
             "entropy": ent_sum / max(ent_n, 1.0),
             "completion_len_mean": float(lens.mean()), "completion_len_max": float(lens.max()),
             "truncated_frac": float(trunc.mean()),
@@ -332,7 +339,8 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
 
 
 def _mean_over(ms: list[dict], keys: list[str]) -> dict:
-    return {k: float(np.mean([m[k] for m in ms])) for k in keys if ms and k in ms[0]}
+    """Mean of each key over the dicts that have it (a minibatch with no trained rows has no loss metrics)."""
+    return {k: float(np.mean([m[k] for m in ms if k in m])) for k in keys if any(k in m for m in ms)}
 
 
 def _autocast(device: torch.device):

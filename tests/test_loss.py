@@ -299,3 +299,16 @@ def test_matches_trl(level, eps, scale):
     assert out.metrics["clip_frac"] == pytest.approx(trl_metrics["clip_ratio/region_mean"], abs=1e-6)
     assert out.metrics["clip_frac_low"] == pytest.approx(trl_metrics["clip_ratio/low_mean"], abs=1e-6)
     assert out.metrics["clip_frac_high"] == pytest.approx(trl_metrics["clip_ratio/high_mean"], abs=1e-6)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_zero_advantage_rows_have_zero_gradient(level):
+    """Why the trainer may skip rows whose advantage is zero when there is no KL term: they change nothing."""
+    g = torch.Generator().manual_seed(2)
+    logp = (-torch.rand(4, 5, generator=g, dtype=F64)).requires_grad_()
+    old = logp.detach() + 0.01 * torch.randn(4, 5, generator=g, dtype=F64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    adv = t([0.7, 0.0, -1.2, 0.0])
+    policy_loss(logp, old, adv, mask, level).loss.backward()
+    assert torch.equal(logp.grad[[1, 3]], torch.zeros(2, 5, dtype=F64))
+    assert logp.grad[[0, 2]].abs().sum() > 0

@@ -76,6 +76,19 @@ def test_several_minibatches_make_the_clip_act(tiny_dir, tmp_path):
     assert max(r["clip_frac"] for r in r4) > 0.0
 
 
+def test_groups_with_equal_rewards_are_not_trained_on(tiny_dir, tmp_path):
+    """All groups score the same (the untrained model gets no sum right): no row has an advantage, so no
+    forward or backward runs, no loss metric exists, and with fresh AdamW moments the weights stay put."""
+    cfg = load_config(None, SMALL + ["train.steps=1", "train.eval_every=0"])
+    s = prepare_splits(cfg)
+    res = train(cfg, tiny_dir, s.train, s.held_out, tmp_path)
+    row = json.loads(res.metrics_path.read_text().splitlines()[0])
+    assert row["zero_std_group_frac"] == 1.0 and row["grad_norm"] == 0.0
+    assert "ratio_mean" not in row and "clip_frac" not in row
+    before, after = _weights(tiny_dir), _weights(res.final_dir)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_nan_gradient_skips_the_update_and_training_goes_on(tiny_dir, tmp_path):
     cfg = load_config(None, SMALL + ["train.checkpoint_every=0"])
     s = prepare_splits(cfg)
