@@ -8,13 +8,14 @@ the model cannot emit, so every row decodes every token. Per model it prints
   - tokens/s of each decoder (static: its second call; the first call's extra time is reported as compile time)
     and the bandwidth bound bench/gpu.py computes (weights and KV cache read once per token, measured copy rate);
   - agreement: bf16 kernels differ between the two, so a row's samples can part at some token and differ after
-    it; the first such step (per row) and the fraction of identical tokens are reported, not asserted;
-  - that the compiled step follows an in-place weight update (as an optimizer step makes): after scaling every
-    weight, the first --check-tokens tokens of both decoders, and whether they changed.
+    it; the first such step (per row), the fraction of identical tokens and the largest log-prob difference
+    before it are reported, not asserted, for static against eager and for three static calls;
+  - exactness in fp32 on the first model (--check-tokens new tokens, after the timed runs): static against eager,
+    and again after an in-place weight update (as an optimizer step makes), which the compiled step must see.
 
     PYTHONPATH=. python bench/decode_speed.py              # --models 0.5b,7b --rows 8 --prompt-len 128 --new-tokens 512
-    python bench/decode_speed.py --smoke                    # the tiny architecture in fp32 on the CPU, step not compiled
-
+    PYTHONPATH=. python bench/decode_speed.py          # --models 0.5b,7b --rows 8 --prompt-len 128 --new-tokens 512
+    python bench/decode_speed.py --smoke                # the tiny architecture in fp32 on the CPU, step not compiled
 The last line is `ratio=<static over eager tokens/s, for the largest model that ran both>`.
 """
 import argparse
@@ -41,11 +42,23 @@ def timed(fn, device):
     return out, time.perf_counter() - t
 
 
-def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """First step at which each row's tokens differ (the width when they never do) and the fraction equal."""
+def agreement(ref, out) -> dict:
+    """First step at which each row's tokens differ (the width when they never do), the fraction of identical
+    tokens, and the largest log-prob difference at the steps before a row's first difference."""
+    a, b = ref[0].cpu(), out[0].cpu()
     diff = a != b
     first = torch.where(diff.any(1), diff.int().argmax(1), torch.full((a.shape[0],), a.shape[1]))
-    return {"first_divergence": first.tolist(), "identical_fraction": (~diff).float().mean().item()}
+    same = torch.arange(a.shape[1])[None, :] < first[:, None]
+    logp = (ref[1].cpu() - out[1].cpu()).abs()[same]
+    return {"first_divergence": first.tolist(), "identical_fraction": (~diff).float().mean().item(),
+            "max_abs_logp_diff_before_divergence": logp.max().item() if logp.numel() else None}
+
+
+def said(a: dict) -> str:
+    lp = a["max_abs_logp_diff_before_divergence"]
+    return (f"{a['identical_fraction']:.3f} of tokens identical, first divergence per row {a['first_divergence']} "
+            f"(median {statistics.median(a['first_divergence'])}), max |log-prob diff| before it "
+            f"{'n/a' if lp is None else f'{lp:.2e}'}")
 
 
 def prompts(vocab: int, rows: int, width: int, device):
@@ -58,34 +71,36 @@ def prompts(vocab: int, rows: int, width: int, device):
     return ids.to(device), mask.to(device), (torch.arange(rows) * 2 // rows).to(device)
 
 
+def decoders(model, args, device, T: int):
+    """The two decoders on the same prompts and seeds; the EOS is past the last logit, so every row decodes T."""
+    vocab = model.config.vocab_size
+    ids, mask, rows = prompts(vocab, args.rows, args.prompt_len, device)
+    seeds = (torch.arange(args.rows, dtype=torch.int64) + 1000).to(device)
+    common = (model, ids, mask, T, {vocab}, 0, 1.0, 1.0, seeds)
+    return (lambda: sample(*common, rows=rows)), (lambda: sample_static(*common, rows=rows, compile=args.compile))
+
+
 def run_model(name: str, args, device, dtype, ceil: dict, log) -> dict:
     t = time.perf_counter()
     model = build_model(name, device, dtype).eval()
     c = counts(model)
     res = {"params": c["params"], "build_s": time.perf_counter() - t}
     log(f"[{name}] {fmt_params(c['params'])} params, built in {res['build_s']:.1f} s")
-    vocab = model.config.vocab_size
-    ids, mask, rows = prompts(vocab, args.rows, args.prompt_len, device)
-    seeds = (torch.arange(args.rows, dtype=torch.int64) + 1000).to(device)
-    eos, T = {vocab}, args.new_tokens  # an EOS past the last logit: every row decodes T tokens
-
-    def eager(n=T):
-        return sample(model, ids, mask, n, eos, 0, 1.0, 1.0, seeds, rows=rows)
-
-    def static():
-        return sample_static(model, ids, mask, T, eos, 0, 1.0, 1.0, seeds, rows=rows, compile=args.compile)
-
-    eager(4)  # warm-up: kernels, allocator
+    T = args.new_tokens
+    eager, static = decoders(model, args, device, T)
+    decoders(model, args, device, 4)[0]()  # warm-up: kernels, allocator
     ref, res["eager_s"] = timed(eager, device)
     res["eager_tokens_per_s"] = args.rows * T / res["eager_s"]
     log(f"[{name}] eager: {res['eager_s']:.2f} s, {res['eager_tokens_per_s']:.0f} tokens/s")
     torch._dynamo.utils.counters.clear()
-    first, first_s = timed(static, device)
-    out, res["static_s"] = timed(static, device)
+    first, first_s = timed(static, device)  # compiles, then runs the step once plainly and records its graph
+    out, res["static_s"] = timed(static, device)  # graph replays only
+    again = static()
     res["static_first_call_s"], res["compile_s"] = first_s, first_s - res["static_s"]
     res["static_tokens_per_s"] = args.rows * T / res["static_s"]
     res["cudagraph_skips"] = int(torch._dynamo.utils.counters["inductor"]["cudagraph_skips"])
-    res["static_repeatable"] = torch.equal(first[0], out[0])
+    res["static_first_vs_second_call"] = agreement(first, out)
+    res["static_second_vs_third_call"] = agreement(out, again)
     res["bound_tokens_per_s"] = decode_bound(c, args.rows, args.prompt_len, T, ceil["copy_bytes_per_s"])
     res["static_fraction_of_bound"] = res["static_tokens_per_s"] / res["bound_tokens_per_s"]
     res["eager_fraction_of_bound"] = res["eager_tokens_per_s"] / res["bound_tokens_per_s"]
@@ -93,28 +108,31 @@ def run_model(name: str, args, device, dtype, ceil: dict, log) -> dict:
     log(f"[{name}] static: first call {first_s:.1f} s (compile about {res['compile_s']:.1f} s), then "
         f"{res['static_s']:.2f} s, {res['static_tokens_per_s']:.0f} tokens/s = {res['ratio']:.2f}x eager; "
         f"bound {res['bound_tokens_per_s']:.0f} tokens/s (static {res['static_fraction_of_bound']:.3f}, "
-        f"eager {res['eager_fraction_of_bound']:.3f}); cudagraph skips {res['cudagraph_skips']}; "
-        f"same tokens on both static calls: {res['static_repeatable']}")
-    res["agreement"] = agreement(ref[0].cpu(), out[0].cpu())
-    # Log-probs where both decoders have seen the same tokens so far.
-    same = torch.arange(T)[None, :] < torch.tensor(res["agreement"]["first_divergence"])[:, None]
-    res["max_abs_logp_diff_before_divergence"] = (ref[1].cpu() - out[1].cpu()).abs()[same].max().item()
-    a = res["agreement"]
-    log(f"[{name}] static vs eager tokens: {a['identical_fraction']:.3f} identical, first divergence per row "
-        f"{a['first_divergence']} (median {statistics.median(a['first_divergence'])}), max |log-prob diff| before "
-        f"it {res['max_abs_logp_diff_before_divergence']:.2e}")
+        f"eager {res['eager_fraction_of_bound']:.3f}); cudagraph skips {res['cudagraph_skips']}")
+    res["static_vs_eager"] = agreement(ref, out)
+    log(f"[{name}] static vs eager: {said(res['static_vs_eager'])}")
+    log(f"[{name}] static 1st vs 2nd call: {said(res['static_first_vs_second_call'])}")
+    log(f"[{name}] static 2nd vs 3rd call: {said(res['static_second_vs_third_call'])}")
+    return res
+
+
+def exactness(name: str, args, device, log) -> dict:
+    """In fp32 the two decoders should agree token for token, before and after an in-place weight update."""
+    model = build_model(name, device, torch.float32).eval()
+    T = args.check_tokens
+    eager, static = decoders(model, args, device, T)
+    before = static()
+    res = {"tokens": T, "before_update": agreement(eager(), before)}
+    log(f"[{name} fp32, {T} tokens] static vs eager: {said(res['before_update'])}")
+    torch.manual_seed(0)
     with torch.no_grad():  # new values in the same tensors, as an optimizer step writes them
         for p in model.parameters():
-            p.mul_(1.5)
-    n = min(args.check_tokens, T)
-    after_eager = eager(n)[0].cpu()
-    after_static = static()[0][:, :n].cpu()
-    res["after_update"] = {"tokens": n, **agreement(after_eager, after_static),
-                           "static_changed": not torch.equal(after_static, out[0][:, :n].cpu())}
-    u = res["after_update"]
-    log(f"[{name}] after an in-place weight update: first {n} tokens {u['identical_fraction']:.3f} identical "
-        f"(first divergence median {statistics.median(u['first_divergence'])}), static output changed: "
-        f"{u['static_changed']}")
+            p.mul_(1 + 0.05 * torch.randn_like(p))
+    after = static()
+    res["after_update"] = agreement(eager(), after)
+    res["static_changed_with_weights"] = not torch.equal(before[0], after[0])
+    log(f"[{name} fp32] after an in-place weight update: static vs eager: {said(res['after_update'])}; "
+        f"static output changed: {res['static_changed_with_weights']}")
     return res
 
 
@@ -124,7 +142,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=8, help="completions decoded together (two prompts, half each)")
     ap.add_argument("--prompt-len", type=int, default=None, help="default 128 (16 with --smoke)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 512 (40 with --smoke)")
-    ap.add_argument("--check-tokens", type=int, default=64, help="tokens compared after the weight update")
+    ap.add_argument("--check-tokens", type=int, default=64,
+                    help="new tokens of the fp32 exactness check on the first model; 0 skips it")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="compile the static decoder's step (default: yes, no with --smoke)")
     ap.add_argument("--out", default=None, help="JSON of all numbers, rewritten after every model")
@@ -174,6 +193,13 @@ def main(argv=None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        write_json(args.out, data)
+    if args.check_tokens:
+        try:
+            data["exactness_fp32"] = exactness(names[0], args, device, log)
+        except Exception as e:
+            data["exactness_fp32"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            log(f"[{names[0]} fp32] failed: {type(e).__name__}: {str(e)[:2000]}")
         write_json(args.out, data)
     ran = [r for r in data["models"].values() if "error" not in r]
     if not ran:

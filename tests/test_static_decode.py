@@ -1,3 +1,8 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -10,6 +15,7 @@ from gspo.tiny import build_model, save_tiny
 # Prompts of different lengths, so the batch is left-padded; each is continued by 3 rows.
 PROMPTS = ["3+4=", "What is the answer? 12-5=", "7*8=", "Question: 9+11= Answer:"]
 T = 40
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "decode_speed.py"
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +98,18 @@ def test_compiled_step_decodes_what_the_eager_decoder_does_and_follows_weight_up
     after = sample_static(*args)
     assert_same(sample(*args), after)
     assert not torch.equal(before[0], after[0])
+
+
+def test_decode_speed_bench_smoke(tmp_path):
+    out = tmp_path / "decode.json"
+    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1].startswith("ratio=")
+    data = json.loads(out.read_text())
+    tiny = data["models"]["tiny"]
+    assert tiny["static_tokens_per_s"] > 0 and tiny["eager_tokens_per_s"] > 0
+    # fp32 on the CPU: the two decoders agree exactly, before and after the weights change in place.
+    for a in (tiny["static_vs_eager"], data["exactness_fp32"]["before_update"], data["exactness_fp32"]["after_update"]):
+        assert a["identical_fraction"] == 1.0 and a["max_abs_logp_diff_before_divergence"] <= 1e-5
+    assert data["exactness_fp32"]["static_changed_with_weights"]
