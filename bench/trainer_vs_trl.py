@@ -14,7 +14,11 @@ turns, one rollout step each (two threads, never running at once), so a shared m
 both alike; `--warmup` steps of each are dropped (imports, first allocations). The last line is
 `ratio=<our steps/s over TRL's>`, from the median seconds per step of each.
 
-    python bench/trainer_vs_trl.py [--steps N] [--warmup W] [--threads T] [--set section.field=value]
+Both start from the tiny model after `--warm-start` supervised steps, so groups have mixed rewards as in real
+training. Ours skips the forward and backward of rows whose advantage is zero (groups with equal rewards; beta
+is 0), which TRL computes; the fraction of such groups is printed with the timings.
+
+    python bench/trainer_vs_trl.py [--steps N] [--warmup W] [--threads T] [--warm-start S] [--set section.field=value]
 """
 import argparse
 import math
@@ -37,6 +41,7 @@ from gspo.data import format_prompt, prepare_splits  # noqa: E402
 from gspo.loss import policy_loss  # noqa: E402
 from gspo.models import load_tokenizer  # noqa: E402
 from gspo.rollout import generate, token_logprobs  # noqa: E402
+from gspo.sft import warm_start  # noqa: E402
 from gspo.tiny import save_tiny  # noqa: E402
 from gspo.trainer import train  # noqa: E402
 
@@ -127,12 +132,16 @@ class Turns:
             self.cond.notify_all()
 
 
+ZERO_STD: list[float] = []  # per step of ours: the fraction of groups with equal rewards, whose rows it skips
+
+
 def run_ours(cfg, model_dir: Path, splits, out_dir: str, at_step) -> list[int]:
     """Train; `at_step()` is called after every rollout step. Returns each step's completion tokens."""
     tokens = []
 
     def on_step(m):
         tokens.append(round(m["completion_len_mean"] * cfg.gspo.prompts_per_step * cfg.gspo.group_size))
+        ZERO_STD.append(m["zero_std_group_frac"])
         at_step()
 
     res = train(cfg, model_dir, splits.train, splits.held_out, out_dir, on_step=on_step)
@@ -244,6 +253,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed rollout steps per trainer")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rollout steps at the start (imports, allocator)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, the same for both")
+    ap.add_argument("--warm-start", type=int, default=300,
+                    help="supervised steps before both trainers start, so rewards are mixed as in real training "
+                         "(an untrained model scores 0 everywhere); 0 for none")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (both sides)")
     a = ap.parse_args()
     transformers.logging.set_verbosity_error()
@@ -258,8 +270,10 @@ def run(a, work: Path) -> None:
     import trl
 
     model_dir = save_tiny(work / "tiny", seed=0)
-    cfg = bench_config(a.warmup + a.steps, a.threads, a.set)
+    cfg = bench_config(a.warmup + a.steps, a.threads, [f"warm_start.steps={a.warm_start}", *a.set])
     splits = prepare_splits(cfg)
+    if a.warm_start:
+        model_dir = warm_start(cfg, model_dir, splits.warm_start, work / "warm_start")
     g = cfg.gspo
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
           f"{a.threads} thread(s); per rollout step: {g.prompts_per_step} prompts x {g.group_size} completions "
@@ -286,6 +300,9 @@ def run(a, work: Path) -> None:
         tps = [t / x for t, x in zip(tokens[name][w:], s)]
         print(f"{name:8s} {statistics.median(s):14.2f} {min(s):6.2f} {max(s):6.2f} {1 / statistics.median(s):8.3f} "
               f"{statistics.median(tps):13.0f}")
+    zero = ZERO_STD[w:]
+    print(f"groups with equal rewards (ours skips their rows in the update; TRL computes them): "
+          f"{statistics.mean(zero):.2f} of groups per step, {min(zero):.2f}-{max(zero):.2f}")
     print(f"ratio={statistics.median(secs['trl'][w:]) / statistics.median(secs['ours'][w:]):.2f}")
 
 
