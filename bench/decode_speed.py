@@ -13,9 +13,9 @@ the model cannot emit, so every row decodes every token. Per model it prints
   - exactness in fp32 on the first model (--check-tokens new tokens, after the timed runs): static against eager,
     and again after an in-place weight update (as an optimizer step makes), which the compiled step must see.
 
-    PYTHONPATH=. python bench/decode_speed.py              # --models 0.5b,7b --rows 8 --prompt-len 128 --new-tokens 512
-    PYTHONPATH=. python bench/decode_speed.py          # --models 0.5b,7b --rows 8 --prompt-len 128 --new-tokens 512
-    python bench/decode_speed.py --smoke                # the tiny architecture in fp32 on the CPU, step not compiled
+    PYTHONPATH=. python bench/decode_speed.py      # --models 0.5b,7b --rows 8 --prompt-len 128 --new-tokens 512
+    python bench/decode_speed.py --smoke            # the tiny architecture in fp32 on the CPU, step not compiled
+
 The last line is `ratio=<static over eager tokens/s, for the largest model that ran both>`.
 """
 import argparse
