@@ -132,6 +132,8 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
             try:
                 nxt = step(model, cache, cache_arg, tok, last_pos + t, attn, row_seeds, steps[t], done, eos, pad_id,
                            temperature, top_p)
+            except torch.OutOfMemoryError:
+                raise
             except Exception as e:
                 if not compile:
                     raise
