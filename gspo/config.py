@@ -73,7 +73,9 @@ class GSPOConfig:
     temperature: float = opt(1.0, "sampling temperature for rollouts")
     top_p: float = opt(1.0, "nucleus sampling for rollouts")
     max_prompt_length: int = opt(512, "prompts are left-truncated to this many tokens")
-    decode: str = opt("eager", "rollout decoder: eager (any model, any device) or static (static KV cache + torch.compile with CUDA graphs: far fewer kernel launches per token on GPU)", ("eager", "static"))
+    decode: str = opt("eager", "rollout decoder: eager (any model, any device) or static (static KV cache + "
+                               "torch.compile with CUDA graphs: far fewer kernel launches per token on a GPU)",
+                      ("eager", "static"))
 
     def clip_range(self) -> tuple[float, float]:
         seq = self.importance_sampling_level != "token"

@@ -155,7 +155,7 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, max_prompt_length: int = 512, do_sample: bool = True, batch_size: int = 0,
-             row_seeds: torch.Tensor | None = None) -> Rollout:
+             row_seeds: torch.Tensor | None = None, decode: str = "eager") -> Rollout:
     """`group_size` completions for each prompt, groups contiguous; greedy when do_sample is False.
 
     row_seeds (n_prompts * group_size,) fixes each completion's randomness; without them seeds are drawn from
@@ -166,6 +166,9 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
     if do_sample and row_seeds is None:
         row_seeds = torch.randint(0, 2**62, (n_rows,), dtype=torch.int64)
     eos = eos_token_ids(tokenizer, model)
+    decoder = sample
+    if decode == "static":  # imported here: it pulls in torch.compile, and it imports this module
+        from gspo.static_decode import sample_static as decoder
     was_training = model.training
     model.eval()
     chunks = []
@@ -176,8 +179,8 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
         ids, attn = encode_prompts(tokenizer, prompts[first:last + 1], max_prompt_length, device)
         rows = torch.arange(i, j, device=device) // group_size - first
         seeds = row_seeds[i:j].to(device) if do_sample else None
-        chunks.append((ids[rows], attn[rows]) + sample(model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id,
-                                                       temperature, top_p, seeds, rows=rows))
+        chunks.append((ids[rows], attn[rows]) + decoder(model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id,
+                                                        temperature, top_p, seeds, rows=rows))
     model.train(was_training)
     prompt_ids = _cat_left([c[0] for c in chunks], tokenizer.pad_token_id)
     prompt_mask = _cat_left([c[1] for c in chunks], 0)

@@ -205,7 +205,7 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
         # One seed per completion, from (seed, step, global row): the same draw whatever the sharding.
         seeds = (t.seed * 1_000_003 + state.step) * B + lo + torch.arange(B_local, dtype=torch.int64)
         roll = generate(model, tok, [prompts_text[i] for i in ids], g.group_size, g.max_new_tokens,
-                        g.temperature, g.top_p, g.max_prompt_length, row_seeds=seeds)
+                        g.temperature, g.top_p, g.max_prompt_length, row_seeds=seeds, decode=g.decode)
         t1 = time.perf_counter()
         reward, per_task = _score(roll.texts, examples)
         adv, zero_groups = group_advantages(reward, g.group_size)

@@ -89,6 +89,27 @@ def test_groups_with_equal_rewards_are_not_trained_on(tiny_dir, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
+def test_static_decoder_trains_like_the_eager_one(tiny_dir, tmp_path):
+    """gspo.decode=static (compiled, static KV cache) samples the same completions in fp32, so training follows."""
+    from torch._dynamo.utils import counters
+
+    runs, compiled = {}, {}
+    for decode in ("eager", "static"):
+        cfg = load_config(None, SMALL + ["train.steps=2", "train.checkpoint_every=0", f"gspo.decode={decode}"])
+        s = prepare_splits(cfg)
+        before = counters["stats"]["unique_graphs"]
+        res = train(cfg, tiny_dir, _dense(s.train), s.held_out, tmp_path / decode)
+        compiled[decode] = counters["stats"]["unique_graphs"] - before
+        runs[decode] = ([json.loads(x) for x in res.metrics_path.read_text().splitlines()], _weights(res.final_dir))
+    assert compiled["eager"] == 0 and compiled["static"] > 0  # the switch reached the decoder
+    (m_e, w_e), (m_s, w_s) = runs["eager"], runs["static"]
+    for a, b in zip(m_e, m_s):
+        assert (a["reward_mean"], a["completion_len_mean"]) == (b["reward_mean"], b["completion_len_mean"])
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert max(float((w_e[k] - w_s[k]).abs().max()) for k in w_e) < 1e-4
+
+
 def test_nan_gradient_skips_the_update_and_training_goes_on(tiny_dir, tmp_path):
     cfg = load_config(None, SMALL + ["train.checkpoint_every=0"])
     s = prepare_splits(cfg)
