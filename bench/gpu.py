@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gspo.advantages import group_advantages  # noqa: E402
 from gspo.config import load_config  # noqa: E402
 from gspo.loss import policy_loss  # noqa: E402
-from gspo.models import make_optimizer, make_scheduler, resolve_dtype  # noqa: E402
+from gspo.models import make_optimizer, make_scheduler, prepare_for_training, resolve_dtype  # noqa: E402
 from gspo.rollout import generate, token_logprobs  # noqa: E402
 from gspo.trainer import _autocast, _logprobs, _micro_batches, _trimmed  # noqa: E402
 
@@ -76,17 +76,6 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype):
 
     with torch.device(device):
         return AutoModelForCausalLM.from_config(qwen2_config(name), dtype=dtype)
-
-
-def enable_training(model, model_cfg):
-    """What gspo.models.load_model does to a trainable full-parameter model (it loads from a path, these are built)."""
-    if model_cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    model.train()
 
 
 def word_tokenizer(vocab: int):
@@ -259,7 +248,7 @@ def run_model(name: str, args, cfg, device: torch.device, ceil: dict, log) -> di
     dtype = resolve_dtype(cfg.model.dtype, device)
     t = time.perf_counter()
     model = build_model(name, device, dtype)
-    enable_training(model, cfg.model)
+    model = prepare_for_training(model, cfg.model)
     c = counts(model)
     tok = word_tokenizer(model.config.vocab_size)
     model.generation_config.eos_token_id = tok.eos_token_id  # the only EOS, and one the model cannot emit

@@ -43,6 +43,11 @@ def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, trainab
     if not trainable:
         model.eval().requires_grad_(False)
         return model
+    return prepare_for_training(model, cfg)
+
+
+def prepare_for_training(model, cfg: ModelConfig):
+    """Activation checkpointing and LoRA as the config asks; the model in train mode (a PEFT wrapper with LoRA)."""
     if cfg.gradient_checkpointing:
         # transformers 5 renamed gradient checkpointing to activation checkpointing.
         if hasattr(model, "activation_checkpointing_enable"):

@@ -86,6 +86,27 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
 
 
+def pick(logits, row_seeds, t: int, done, eos, pad_id: int, temperature: float, top_p: float):
+    """Next token of every row from its last logits (B, V): greedy without row_seeds, else a Gumbel-max draw from
+    the tempered (and nucleus-cut) distribution; pad after EOS. Returns (token, log-prob, entropy, done), the
+    log-prob and entropy of the tempered distribution before the cut (None when greedy)."""
+    logits = logits.float()
+    lp = ent = None
+    if row_seeds is None:
+        nxt = logits.argmax(-1)
+    else:
+        logits = logits / temperature
+        lp_all = torch.log_softmax(logits, dim=-1)  # the policy's, before the nucleus cut
+        if top_p < 1.0:
+            logits = _top_p_filter(logits, top_p)
+        nxt = (logits + gumbel_noise(row_seeds, t, logits.shape[-1])).argmax(-1)
+    nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+    if row_seeds is not None:
+        lp = lp_all.gather(1, nxt[:, None]).squeeze(1)
+        ent = -(lp_all.exp() * lp_all).sum(-1)
+    return nxt, lp, ent, done | (nxt[:, None] == eos[None, :]).any(-1)
+
+
 def _cache_arg(model) -> str:
     """transformers 5 renamed the KV-cache argument and output field from past_key_values to cache."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps forward in **kwargs
@@ -126,21 +147,11 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     tokens, logps, ents = [], [], []
     for t in range(max_new_tokens):
-        logits = logits.float()
-        if row_seeds is None:
-            nxt = logits.argmax(-1)
-        else:
-            logits = logits / temperature
-            lp_all = torch.log_softmax(logits, dim=-1)  # the policy's, before the nucleus cut
-            if top_p < 1.0:
-                logits = _top_p_filter(logits, top_p)
-            nxt = (logits + gumbel_noise(row_seeds, t, logits.shape[-1])).argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        nxt, lp, ent, done = pick(logits, row_seeds, t, done, eos, pad_id, temperature, top_p)
         if row_seeds is not None:
-            logps.append(lp_all.gather(1, nxt[:, None]).squeeze(1))
-            ents.append(-(lp_all.exp() * lp_all).sum(-1))
+            logps.append(lp)
+            ents.append(ent)
         tokens.append(nxt)
-        done |= torch.isin(nxt, eos)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)

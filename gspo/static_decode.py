@@ -22,7 +22,7 @@ import weakref
 
 import torch
 
-from gspo.rollout import _cache_arg, _top_p_filter, gumbel_noise
+from gspo.rollout import _cache_arg, pick
 
 CHECK_EVERY = 16  # tokens between host reads of "all rows finished"; each read waits for the GPU to catch up
 CACHE_ROUND = 256  # cache lengths are rounded up to this, so prompts of different widths share a compiled step
@@ -39,30 +39,11 @@ def sample_static(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ma
     return tuple(None if x is None else x.clone() for x in out)
 
 
-def _pick(logits, row_seeds, t, done, eos, pad_id: int, temperature: float, top_p: float):
-    """The next token of every row from its logits (B, V), as `sample` picks it; its log-prob and entropy."""
-    logits = logits.float()
-    lp = ent = None
-    if row_seeds is None:
-        nxt = logits.argmax(-1)
-    else:
-        logits = logits / temperature
-        lp_all = torch.log_softmax(logits, dim=-1)  # the policy's, before the nucleus cut
-        if top_p < 1.0:
-            logits = _top_p_filter(logits, top_p)
-        nxt = (logits + gumbel_noise(row_seeds, t, logits.shape[-1])).argmax(-1)
-    nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-    if row_seeds is not None:
-        lp = lp_all.gather(1, nxt[:, None]).squeeze(1)
-        ent = -(lp_all.exp() * lp_all).sum(-1)
-    return nxt, lp, ent, done | (nxt[:, None] == eos[None, :]).any(-1)
-
-
 def _step(model, cache, cache_arg: str, tok, pos, attn, row_seeds, t, done, eos, pad_id: int, temperature: float,
           top_p: float):
     """Feed each row's last token (B,) at position pos (B, 1) into the static cache and pick the next one."""
     out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{cache_arg: cache})
-    return _pick(out.logits[:, -1, :], row_seeds, t, done, eos, pad_id, temperature, top_p)
+    return pick(out.logits[:, -1, :], row_seeds, t, done, eos, pad_id, temperature, top_p)
 
 
 # fullgraph: a graph break would quietly run part of every token eagerly, which is what this path exists to avoid.
@@ -114,7 +95,7 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
     B, P = rows.shape[0], prompt_ids.shape[1]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = torch.arange(max_new_tokens, device=device)  # step numbers as tensors: one graph serves every step
-    picks = [_pick(logits, row_seeds, steps[0], done, eos, pad_id, temperature, top_p)]
+    picks = [pick(logits, row_seeds, steps[0], done, eos, pad_id, temperature, top_p)]
     if max_new_tokens > 1:
         L = -(-(P + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
         cache = _static_cache(model, B, L, out.logits.dtype, device)

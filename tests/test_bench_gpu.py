@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gspo.config import load_config
+from gspo.models import prepare_for_training
 from gspo.rollout import token_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def test_flop_formulas_equal_torchs_count(gpu, checkpointing):
     torch.manual_seed(0)
     model = gpu.build_model("tiny", torch.device("cpu"), torch.float32)
     model.set_attn_implementation("eager")  # attention as plain matmuls, which the counter sees on the CPU
-    gpu.enable_training(model, load_config(None, [f"model.gradient_checkpointing={checkpointing}"]).model)
+    model = prepare_for_training(model, load_config(None, [f"model.gradient_checkpointing={checkpointing}"]).model)
     rows, P, T = 3, 10, 7
     pids, cids = torch.randint(1, 1000, (rows, P)), torch.randint(1, 1000, (rows, T))
     f = gpu.update_flops(gpu.counts(model), model.config, rows, P + T, T + 1, checkpointing)
