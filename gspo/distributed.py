@@ -58,11 +58,9 @@ def all_finite(flag: bool, dev: torch.device) -> bool:
 
 
 def sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """All-reduce every parameter's gradient in buckets; each must have one (a rank with no rows passes zeros)."""
     if not _active():
         return
-    for p in params:
-        if p.grad is None:  # this rank held no rows of the minibatch
-            p.grad = torch.zeros_like(p)
     bucket: list[torch.Tensor] = []
     size = 0
     for p in params + [None]:

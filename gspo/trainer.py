@@ -257,7 +257,9 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
             if after_backward is not None and finite:
                 after_backward(model, update_index)
             for p in params:
-                if p.grad is None:  # no rows here: a zero gradient still moves AdamW's moments, as computing them would
+                # No rows here (or on this rank): a zero gradient still moves AdamW's moments, as computing them
+                # would, and every rank joins the gradient all-reduce with a tensor.
+                if p.grad is None:
                     p.grad = torch.zeros_like(p)
             finite = distributed.all_finite(finite, device)
             grad_norm = float("nan")
