@@ -125,9 +125,21 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
     Returns (B, T) completion ids, padded after each row's EOS, and when sampling the (B, T) log-probs and
     entropies of the tempered distribution the tokens were drawn from (None when greedy).
     """
-    out = _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds, rows)
-    # Inference tensors cannot be saved for backward, and the caller may train on these: ordinary copies.
-    return tuple(None if x is None else x.clone() for x in out)
+    return plain(_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p,
+                         row_seeds, rows))
+
+
+def plain(tensors):
+    """Ordinary copies of inference tensors, which cannot be saved for backward (the caller may train on them)."""
+    return tuple(None if x is None else x.clone() for x in tensors)
+
+
+def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """One forward over left-padded prompts: (last logits (P, V), KV cache, last position (P, 1), cache field name)."""
+    pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache_arg = _cache_arg(model)
+    return out.logits[:, -1, :], getattr(out, cache_arg), pos[:, -1:], cache_arg
 
 
 # inference_mode, unlike no_grad, skips autograd's version counters and view tracking on every op: about a tenth
@@ -136,10 +148,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
 def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds, rows):
     eos = torch.tensor(sorted(eos_ids), device=prompt_ids.device)
     attn = prompt_mask
-    pos = (attn.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache_arg = _cache_arg(model)
-    logits, cache, next_pos = out.logits[:, -1, :], getattr(out, cache_arg), pos[:, -1:] + 1
+    logits, cache, last_pos, cache_arg = prefill(model, prompt_ids, prompt_mask)
+    next_pos = last_pos + 1
     if rows is not None:
         cache.batch_select_indices(rows)
         logits, attn, next_pos = logits[rows], attn[rows], next_pos[rows]

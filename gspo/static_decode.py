@@ -22,7 +22,7 @@ import weakref
 
 import torch
 
-from gspo.rollout import _cache_arg, pick
+from gspo.rollout import pick, plain, prefill
 
 CHECK_EVERY = 16  # tokens between host reads of "all rows finished"; each read waits for the GPU to catch up
 CACHE_ROUND = 256  # cache lengths are rounded up to this, so prompts of different widths share a compiled step
@@ -34,9 +34,8 @@ def sample_static(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ma
                   eos_ids: set[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
                   row_seeds: torch.Tensor | None = None, rows: torch.Tensor | None = None, compile: bool = True):
     """`gspo.rollout.sample` on a static KV cache; compile=False runs the same step eagerly (for checking it)."""
-    out = _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds,
-                  rows, compile)
-    return tuple(None if x is None else x.clone() for x in out)
+    return plain(_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p,
+                         row_seeds, rows, compile))
 
 
 def _step(model, cache, cache_arg: str, tok, pos, attn, row_seeds, t, done, eos, pad_id: int, temperature: float,
@@ -85,22 +84,20 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
             compile):
     device = prompt_ids.device
     eos = torch.tensor(sorted(eos_ids), device=device)
-    cache_arg = _cache_arg(model)
     # The prefill is sample's own: eager, each distinct prompt once.
-    pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    logits, prompt_cache, last_pos, cache_arg = prefill(model, prompt_ids, prompt_mask)
     if rows is None:
         rows = torch.arange(prompt_ids.shape[0], device=device)
-    logits, last_pos = out.logits[rows, -1, :], pos[rows, -1:]
+    logits, last_pos = logits[rows], last_pos[rows]
     B, P = rows.shape[0], prompt_ids.shape[1]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = torch.arange(max_new_tokens, device=device)  # step numbers as tensors: one graph serves every step
     picks = [pick(logits, row_seeds, steps[0], done, eos, pad_id, temperature, top_p)]
     if max_new_tokens > 1:
         L = -(-(P + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
-        cache = _static_cache(model, B, L, out.logits.dtype, device)
-        _load(cache, getattr(out, cache_arg), rows, P)
-        del out
+        cache = _static_cache(model, B, L, logits.dtype, device)
+        _load(cache, prompt_cache, rows, P)
+        del prompt_cache
         # Slots past the current token hold nothing yet, but the causal mask over slots already hides them.
         attn = torch.cat([prompt_mask[rows], prompt_mask.new_ones(B, L - P)], dim=1)
         step = _compiled_step if compile else _step
