@@ -40,10 +40,10 @@ def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_
     model = load_model(model_dir, cfg.model, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=w.lr, weight_decay=0.0)
     probe = []
-    if w.stop_reward:
+    n = min(_PROBE_SIZE, len(examples) // 4) if w.stop_reward else 0
+    if n:
         # Scored on examples it does not train on: the reward on its own demonstrations would also count
         # what it has memorised, and the point is to hand GSPO a model that generalises.
-        n = min(_PROBE_SIZE, len(examples) // 4)
         examples, probe = examples[:-n], examples[-n:]
     # Tokenised once: on a tiny model, tokenising every batch costs a quarter of the step.
     rows = [_tokens(tok, format_prompt(tok, e, cfg.data.use_chat_template), target_text(e) + tok.eos_token,

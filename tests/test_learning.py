@@ -26,3 +26,14 @@ def test_gspo_raises_held_out_accuracy(tmp_path, capsys):
     assert before["n"] == after["n"] == 100
     assert meta["warm_start_steps"] < cfg.warm_start.steps, "the warm start never reached warm_start.stop_reward"
     assert after["score"] >= before["score"] + 0.10, (before, after)
+
+
+def test_stop_reward_with_too_few_examples_to_hold_any_back_trains_on_them_all(tmp_path):
+    from gspo.data import prepare_splits
+    from gspo.sft import warm_start
+    from gspo.tiny import save_tiny
+
+    cfg = load_config(None, ["warm_start.steps=3", "warm_start.stop_reward=0.5", "train.threads=1"])
+    out = warm_start(cfg, save_tiny(tmp_path / "base"), prepare_splits(cfg).warm_start[:3], tmp_path / "ws")
+    meta = json.loads((out / "gspo_meta.json").read_text())
+    assert meta == {"warm_start_steps": 3, "warm_start_reward": None}
