@@ -1,6 +1,5 @@
 """bench/gpu.py: the published Qwen2.5 architectures, FLOP formulas that agree with torch's counter, and the whole
 GPU code path run on the CPU with a tiny model (`--smoke`)."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,11 +18,8 @@ BENCH = ROOT / "bench" / "gpu.py"
 
 
 @pytest.fixture(scope="module")
-def gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def gpu(load_bench):
+    return load_bench("gpu")
 
 
 @pytest.mark.parametrize("name", ["0.5b", "1.5b", "7b"])

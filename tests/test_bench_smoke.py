@@ -1,22 +1,16 @@
 """The trainer-vs-TRL benchmark compares like with like: TRL's GRPOTrainer, configured by the benchmark, computes
 the same GSPO loss and gradient as ours on a real rollout, and does the same work per rollout step."""
-import importlib.util
 import threading
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("trl")
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "trainer_vs_trl.py"
 SMALL = ["gspo.prompts_per_step=2", "gspo.group_size=4", "gspo.max_new_tokens=4"]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("trainer_vs_trl", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_bench):
+    return load_bench("trainer_vs_trl")
 
 
 def test_trl_config_does_the_same_work(bench, tmp_path):
