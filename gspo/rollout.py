@@ -1,10 +1,12 @@
 """Rollouts: G sampled completions per prompt, and per-token log-probs of completions under a model."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
+
+from gspo.sampling import pick, plain, prefill
+from gspo.static_decode import sample_static
 
 
 @dataclass
@@ -53,66 +55,6 @@ def eos_token_ids(tokenizer, model) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-_M1, _M2 = -4658895280553007687, -7723592293110705685  # splitmix64 multipliers as signed int64
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 (wrapping multiply; masks turn arithmetic shifts into logical ones)."""
-    x = x ^ ((x >> 30) & 0x3FFFFFFFF)
-    x = x * _M1
-    x = x ^ ((x >> 27) & 0x1FFFFFFFFF)
-    x = x * _M2
-    return x ^ ((x >> 31) & 0x1FFFFFFFF)
-
-
-def gumbel_noise(row_seeds: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
-    """(B, V) Gumbel noise that depends only on (row seed, position, token id).
-
-    Sampling is argmax(logits / T + noise): exactly a draw from softmax(logits / T), and a row's draw does not
-    depend on which other rows share its batch, so a rollout sharded over ranks equals the unsharded one.
-    """
-    v = torch.arange(vocab, device=row_seeds.device, dtype=torch.int64)
-    x = _mix(_mix(row_seeds * 1_000_003 + t)[:, None] + v[None, :])
-    u = ((x >> 11) & ((1 << 53) - 1)).double().add_(0.5).div_(2.0 ** 53)  # in (0, 1), never 0 or 1
-    return -torch.log(-torch.log(u)).float()
-
-
-def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches top_p; the rest get -inf."""
-    sorted_logits, idx = logits.sort(dim=-1, descending=True)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the nucleus is already full
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-
-
-def pick(logits, row_seeds, t: int, done, eos, pad_id: int, temperature: float, top_p: float):
-    """Next token of every row from its last logits (B, V): greedy without row_seeds, else a Gumbel-max draw from
-    the tempered (and nucleus-cut) distribution; pad after EOS. Returns (token, log-prob, entropy, done), the
-    log-prob and entropy of the tempered distribution before the cut (None when greedy)."""
-    logits = logits.float()
-    lp = ent = None
-    if row_seeds is None:
-        nxt = logits.argmax(-1)
-    else:
-        logits = logits / temperature
-        lp_all = torch.log_softmax(logits, dim=-1)  # the policy's, before the nucleus cut
-        if top_p < 1.0:
-            logits = _top_p_filter(logits, top_p)
-        nxt = (logits + gumbel_noise(row_seeds, t, logits.shape[-1])).argmax(-1)
-    nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-    if row_seeds is not None:
-        lp = lp_all.gather(1, nxt[:, None]).squeeze(1)
-        ent = -(lp_all.exp() * lp_all).sum(-1)
-    return nxt, lp, ent, done | (nxt[:, None] == eos[None, :]).any(-1)
-
-
-def _cache_arg(model) -> str:
-    """transformers 5 renamed the KV-cache argument and output field from past_key_values to cache."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps forward in **kwargs
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_ids: set[int],
            pad_id: int, temperature: float = 1.0, top_p: float = 1.0, row_seeds: torch.Tensor | None = None,
            rows: torch.Tensor | None = None):
@@ -127,19 +69,6 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
     """
     return plain(_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p,
                          row_seeds, rows))
-
-
-def plain(tensors):
-    """Ordinary copies of inference tensors, which cannot be saved for backward (the caller may train on them)."""
-    return tuple(None if x is None else x.clone() for x in tensors)
-
-
-def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-    """One forward over left-padded prompts: (last logits (P, V), KV cache, last position (P, 1), cache field name)."""
-    pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache_arg = _cache_arg(model)
-    return out.logits[:, -1, :], getattr(out, cache_arg), pos[:, -1:], cache_arg
 
 
 # inference_mode, unlike no_grad, skips autograd's version counters and view tracking on every op: about a tenth
@@ -187,9 +116,7 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
     if do_sample and row_seeds is None:
         row_seeds = torch.randint(0, 2**62, (n_rows,), dtype=torch.int64)
     eos = eos_token_ids(tokenizer, model)
-    decoder = sample
-    if decode == "static":  # imported here: it pulls in torch.compile, and it imports this module
-        from gspo.static_decode import sample_static as decoder
+    decoder = sample_static if decode == "static" else sample
     was_training = model.training
     model.eval()
     chunks = []

@@ -18,11 +18,12 @@ old storage until torch notices and records again, so do that between rollouts, 
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
 
-from gspo.rollout import pick, plain, prefill
+from gspo.sampling import pick, plain, prefill
 
 CHECK_EVERY = 16  # tokens between host reads of "all rows finished"; each read waits for the GPU to catch up
 CACHE_ROUND = 256  # cache lengths are rounded up to this, so prompts of different widths share a compiled step
@@ -45,9 +46,12 @@ def _step(model, cache, cache_arg: str, tok, pos, attn, row_seeds, t, done, eos,
     return pick(out.logits[:, -1, :], row_seeds, t, done, eos, pad_id, temperature, top_p)
 
 
-# fullgraph: a graph break would quietly run part of every token eagerly, which is what this path exists to avoid.
-# dynamic=False: one specialised graph per shape, and shapes are few (CACHE_ROUND).
-_compiled_step = torch.compile(_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+@functools.cache
+def _compiled_step():
+    # Made on first use: importing the decoder must not pull in torch.compile's machinery.
+    # fullgraph: a graph break would quietly run part of every token eagerly, which is what this path exists to
+    # avoid. dynamic=False: one specialised graph per shape, and shapes are few (CACHE_ROUND).
+    return torch.compile(_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
 
 def _static_cache(model, B: int, L: int, dtype: torch.dtype, device: torch.device):
@@ -100,7 +104,7 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
         del prompt_cache
         # Slots past the current token hold nothing yet, but the causal mask over slots already hides them.
         attn = torch.cat([prompt_mask[rows], prompt_mask.new_ones(B, L - P)], dim=1)
-        step = _compiled_step if compile else _step
+        step = _compiled_step() if compile else _step
         for t in range(1, max_new_tokens):
             if t % CHECK_EVERY == 0 and bool(picks[-1][3].all()):
                 break

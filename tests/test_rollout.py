@@ -3,7 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gspo.models import load_tokenizer
-from gspo.rollout import completion_mask, encode_prompts, eos_token_ids, generate, gumbel_noise, sample, token_logprobs
+from gspo.rollout import completion_mask, encode_prompts, eos_token_ids, generate, sample, token_logprobs
+from gspo.sampling import gumbel_noise
 from gspo.tiny import save_tiny
 
 PROMPTS = [f"{a}+{b}=" for a in range(3, 15) for b in (4, 11)]
