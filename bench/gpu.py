@@ -1,12 +1,12 @@
 """Full-parameter GSPO on one Hopper GPU: peak memory, update-phase MFU and rollout decode speed.
 
 Random-initialised models with the published Qwen2.5-0.5B, 1.5B and 7B architectures (config values only, no
-weights) each run whole GSPO steps through the project's own code: `gspo.rollout.generate` (our KV-cache
-decoder) samples group_size completions of exactly new_tokens tokens for one random prompt, rewards are a seeded
-mix of 0 and 1, `group_advantages` normalises them, then the trainer's update: old log-probs recomputed in bf16
-(`_logprobs`), num_minibatches clipped updates micro-batched as `_micro_batches` splits them (`token_logprobs`
-under `_autocast`, `policy_loss`, grad clip), each followed by a bitsandbytes 8-bit AdamW step
-(`make_optimizer`). Weights are bf16 (`resolve_dtype`), activation checkpointing is on.
+weights) each run whole GSPO steps through the trainer's own phases: `gspo.trainer.rollout` samples group_size
+completions of exactly new_tokens tokens for one random prompt, rewards are a seeded mix of 0 and 1,
+`group_advantages` normalises them, then `gspo.update`: the minibatch plan, old log-probs in bf16 with fp32
+logits in the update's micro-batches (`logprobs`), and `run_updates` (num_minibatches clipped updates, finite
+guard, grad clip, 8-bit AdamW with stochastic rounding of the bf16 weights, `gspo.optim.make_optimizer`).
+Weights are bf16 (`resolve_dtype`), activation checkpointing is on.
 
 Ceilings are measured first on the same device: an 8192^3 bf16 matmul (FLOP/s) and a device-to-device copy of
 about 4 GB (bytes read + written per second). Per model the script reports
@@ -40,10 +40,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gspo.advantages import group_advantages  # noqa: E402
 from gspo.config import load_config  # noqa: E402
-from gspo.loss import policy_loss  # noqa: E402
-from gspo.models import make_optimizer, make_scheduler, prepare_for_training, resolve_dtype  # noqa: E402
-from gspo.rollout import generate, token_logprobs  # noqa: E402
-from gspo.trainer import _autocast, _logprobs, _micro_batches, _trimmed  # noqa: E402
+from gspo.models import fp32_logits, prepare_for_training, resolve_dtype  # noqa: E402
+from gspo.optim import make_optimizer, make_scheduler  # noqa: E402
+from gspo.trainer import rollout  # noqa: E402
+from gspo.update import logprobs, make_plan, run_updates  # noqa: E402
 
 # From each model's config.json on the Hugging Face hub (Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-1.5B, Qwen/Qwen2.5-7B);
 # all three also have rope_theta 1e6, rms_norm_eps 1e-6 and no sliding window. The 7B's vocabulary is padded
@@ -192,55 +192,44 @@ def memory(device: torch.device) -> dict:
 
 
 def gspo_step(model, tok, opt, sched, cfg, device, prompt: str, step: int) -> dict:
-    """One rollout batch and its num_minibatches updates, as gspo.trainer.train runs them; phase times in s."""
-    g, o = cfg.gspo, cfg.optim
-    eps_low, eps_high = g.clip_range()
+    """One rollout batch and its num_minibatches updates through the trainer's own phases (gspo.trainer.rollout,
+    gspo.update.make_plan / logprobs / run_updates); phase times in s, the optimizer steps timed by hooks."""
+    g = cfg.gspo
     B = g.prompts_per_step * g.group_size
     params = [p for p in model.parameters() if p.requires_grad]
-    seeds = (cfg.train.seed * 1_000_003 + step) * B + torch.arange(B, dtype=torch.int64)
+    opt_s = []
+
+    def started(*_):
+        sync(device)
+        opt_s.append(-time.perf_counter())
+
+    def finished(*_):
+        sync(device)
+        opt_s[-1] += time.perf_counter()
+
+    hooks = [opt.register_step_pre_hook(started), opt.register_step_post_hook(finished)]
     sync(device)
     t0 = time.perf_counter()
-    roll = generate(model, tok, [prompt], g.group_size, g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                    max_prompt_length=g.max_prompt_length, row_seeds=seeds)
+    roll = rollout(model, tok, [prompt], cfg, step, 0, B)
     sync(device)
     t1 = time.perf_counter()
     # Half the group right, half wrong, in a seeded order: every advantage is non-zero.
     reward = (torch.randperm(B, generator=torch.Generator().manual_seed(step)) % 2).float()
     adv, _ = group_advantages(reward, g.group_size)
     adv = adv.to(device)
-    rows = torch.arange(B)
-    model.eval()
-    with torch.no_grad(), _autocast(device):
-        old_logp, _ = _logprobs(model, roll, rows, g.temperature, o.micro_batch_tokens, with_entropy=True)
-    model.train()
+    plan = make_plan(roll, adv, cfg, step, 0, B)
+    old_logp = logprobs(model, roll, plan, g.temperature)
     sync(device)
     t2 = time.perf_counter()
-    mask = roll.completion_mask.float()
-    perm = torch.randperm(B, generator=torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step))
-    micro_batches, opt_s = 0, 0.0
-    for mb in perm.chunk(g.num_minibatches):
-        opt.zero_grad(set_to_none=True)
-        for micro in _micro_batches(mb, roll, o.micro_batch_tokens):
-            pids, pm, cids, cm = _trimmed(roll, micro)
-            Tm = cids.shape[1]
-            with _autocast(device):
-                logp, _ = token_logprobs(model, pids, pm, cids, cm, temperature=g.temperature)
-            out = policy_loss(logp, old_logp[micro, :Tm], adv[micro], mask[micro, :Tm],
-                              level=g.importance_sampling_level, eps_low=eps_low, eps_high=eps_high)
-            (out.loss * (len(micro) / len(mb))).backward()
-            micro_batches += 1
-        sync(device)
-        to = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
-        opt.step()
-        sched.step()
-        sync(device)
-        opt_s += time.perf_counter() - to
+    res = run_updates(model, opt, sched, params, roll, adv, old_logp, None, plan, cfg)
+    sync(device)
     t3 = time.perf_counter()
-    return {"rollout_s": t1 - t0, "old_logp_s": t2 - t1, "update_s": t3 - t2, "clip_and_optimizer_s": opt_s,
+    for h in hooks:
+        h.remove()
+    return {"rollout_s": t1 - t0, "old_logp_s": t2 - t1, "update_s": t3 - t2, "optimizer_s": sum(opt_s),
             "step_s": t3 - t0,
             "completion_tokens": int(roll.completion_mask.sum()), "completion_width": roll.completion_ids.shape[1],
-            "micro_batches": micro_batches, "loss_finite": bool(torch.isfinite(out.loss))}
+            "micro_batches": sum(len(mb.micro) for mb in plan), "updates_applied": sum(res.finite)}
 
 
 def run_model(name: str, args, cfg, device: torch.device, ceil: dict, log) -> dict:
@@ -248,12 +237,12 @@ def run_model(name: str, args, cfg, device: torch.device, ceil: dict, log) -> di
     dtype = resolve_dtype(cfg.model.dtype, device)
     t = time.perf_counter()
     model = build_model(name, device, dtype)
-    model = prepare_for_training(model, cfg.model)
+    model = prepare_for_training(fp32_logits(model), cfg.model)
     c = counts(model)
     tok = word_tokenizer(model.config.vocab_size)
     model.generation_config.eos_token_id = tok.eos_token_id  # the only EOS, and one the model cannot emit
     model.generation_config.pad_token_id = tok.pad_token_id
-    opt = make_optimizer(model, cfg.optim)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     sched = make_scheduler(opt, cfg.optim, args.steps * g.num_minibatches)
     res = {"arch": ARCHS[name], "published_params": PUBLISHED_PARAMS.get(name), **c, "dtype": str(dtype),
            "optimizer": type(opt).__module__ + "." + type(opt).__name__, "build_s": time.perf_counter() - t,
@@ -273,7 +262,7 @@ def run_model(name: str, args, cfg, device: torch.device, ceil: dict, log) -> di
         m = steps[-1]
         log(f"[{name}] step {s + 1}/{args.steps}: rollout {m['rollout_s']:.2f} s, "
             f"old log-probs {m['old_logp_s']:.2f} s, "
-            f"update {m['update_s']:.2f} s (clip + optimizer {m['clip_and_optimizer_s']:.2f} s), "
+            f"update {m['update_s']:.2f} s (optimizer {m['optimizer_s']:.2f} s), "
             f"peak so far {gb(m.get('max_allocated'))} GB")
     res["steps"] = steps
     last = steps[-1]

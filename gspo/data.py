@@ -221,8 +221,8 @@ def _hub_rows(name: str, split: str, config: str | None = None):
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline, unknown split, ...: one clear line instead of a retry log
         first = str(e).splitlines()[0] if str(e) else ""
-        raise RuntimeError(f"cannot load {name} split {split!r} from the Hugging Face Hub "
-                           f"({type(e).__name__}: {first}); pass a local JSONL path instead") from e
+        raise ValueError(f"cannot load {name} split {split!r} from the Hugging Face Hub "
+                         f"({type(e).__name__}: {first}); pass a local JSONL path instead") from None
     return [(f"{name}[{split}]:{i}", i, row) for i, row in enumerate(ds)]
 
 

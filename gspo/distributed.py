@@ -77,26 +77,26 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
             bucket, size = [], 0
 
 
-_MEAN_KEYS = ("loss", "ratio_mean", "clip_frac", "clip_frac_low", "clip_frac_high", "kl")
+def reduce_stats(stats: dict[str, torch.Tensor] | None, dev: torch.device) -> dict[str, torch.Tensor] | None:
+    """Loss statistics (gspo.metrics) of every rank combined: sums summed, ratio_min / ratio_max as min / max.
+    Every rank must call it; a rank whose rows were all skipped passes what it has (possibly no ratio keys)."""
+    if not _active():
+        return stats
+    from gspo.metrics import SUMS
 
-
-def reduce_loss_metrics(parts: list[tuple[int, dict]], dev: torch.device) -> dict:
-    """Row-weighted means over micro-batches and ranks; ratio_min / ratio_max stay a min and a max."""
-    n = float(sum(k for k, _ in parts))
-    sums = [sum(k * m.get(key, float("nan")) for k, m in parts) for key in _MEAN_KEYS]
-    lo = min((m["ratio_min"] for _, m in parts), default=float("inf"))
-    hi = max((m["ratio_max"] for _, m in parts), default=float("-inf"))
-    if _active():
-        t = torch.tensor([n] + sums, dtype=torch.float64, device=dev)
-        dist.all_reduce(t)
-        n, sums = float(t[0]), t[1:].tolist()
-        ext = torch.tensor([lo, -hi], dtype=torch.float64, device=dev)
-        dist.all_reduce(ext, op=dist.ReduceOp.MIN)
-        lo, hi = float(ext[0]), -float(ext[1])
-    if n == 0:
-        return {}
-    out = {key: s / n for key, s in zip(_MEAN_KEYS, sums) if s == s}  # NaN: a metric no micro-batch produced
-    return out | {"ratio_min": lo, "ratio_max": hi}
+    stats = stats or {}
+    sums = torch.stack([stats[k].double() if k in stats else torch.zeros((), dtype=torch.float64, device=dev)
+                        for k in SUMS]).to(dev)
+    has = torch.tensor([float(k in stats) for k in SUMS], dtype=torch.float64, device=dev)
+    ext = torch.stack([stats.get("ratio_min", torch.tensor(float("inf"))).double().to(dev),
+                       -stats.get("ratio_max", torch.tensor(float("-inf"))).double().to(dev)])
+    dist.all_reduce(sums)
+    dist.all_reduce(has)
+    dist.all_reduce(ext, op=dist.ReduceOp.MIN)
+    out = {k: sums[i] for i, k in enumerate(SUMS) if has[i] > 0}
+    if torch.isfinite(ext[0]):
+        out |= {"ratio_min": ext[0], "ratio_max": -ext[1]}
+    return out
 
 
 def gather(x: torch.Tensor, dev: torch.device) -> torch.Tensor:

@@ -15,7 +15,7 @@ import rewards
 from gspo import arithmetic
 from gspo.config import Config
 from gspo.data import Example, format_prompt, load_examples
-from gspo.models import load_model, load_tokenizer, pick_device
+from gspo.models import load_model, load_tokenizer, pick_device, use_threads
 from gspo.rollout import generate
 
 TASKS = ("humaneval", "gsm8k", "hellaswag", "arithmetic")  # the order the pipeline runs them
@@ -71,8 +71,7 @@ def evaluate_task(model_dir: str | Path, task: str, cfg: Config, predictions_pat
     allows) or acc_norm (hellaswag, plus acc). `predictions_path` receives one JSON row per example.
     `on_progress(done, total)` is called after every batch."""
     examples = eval_examples(task, cfg)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    use_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, cfg.model, device, trainable=False)

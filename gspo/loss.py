@@ -9,13 +9,19 @@ from dataclasses import dataclass
 
 import torch
 
-LEVELS = ("sequence", "sequence_token", "token")
+from gspo import metrics as M
+from gspo.config import LEVELS
 
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor  # scalar to backprop: policy loss + beta * kl
-    metrics: dict[str, float]  # ratio_mean/min/max, clip_frac(_low/_high), loss (policy part), kl
+    loss: torch.Tensor  # scalar to backprop: policy loss + beta * kl, mean over the B sequences
+    stats: dict[str, torch.Tensor]  # sums and counts on the device (gspo.metrics); adding them never syncs
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """loss (policy part), ratio_mean/min/max, clip_frac(_low/_high), kl (with ref_logp) as numbers."""
+        return M.finish(self.stats)
 
 
 def policy_loss(
@@ -68,25 +74,29 @@ def policy_loss(
 
     obj = torch.minimum(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)  # (B,) or (B, T)
     per_seq = torch.where(m.any(-1), obj, 0.0) if level == "sequence" else seq_mean(obj)  # (B,)
-    pg_loss = -per_seq.mean()
-    loss = pg_loss
+    loss = -per_seq.mean()
 
     # The gradient is cut where the clipped term wins the min: above the range with A > 0, below with A < 0.
     high = (ratio > 1 + eps_high) & (A > 0)
     low = (ratio < 1 - eps_low) & (A < 0)
-    if level == "token":  # fractions and ratios over completion tokens
-        frac = lambda x: (x & m).sum().item() / max(m.sum().item(), 1)
-        r = ratio.detach()[m] if m.any() else ratio.new_ones(1)
-    else:  # over sequences; a GSPO-token sequence counts by the share of its tokens clipped
-        frac = lambda x: (x.to(dtype) if level == "sequence" else seq_mean(x.to(dtype))).mean().item()
-        r = log_s.detach().exp()
-    metrics = {"loss": pg_loss.item(), "ratio_mean": r.mean().item(), "ratio_min": r.min().item(),
-               "ratio_max": r.max().item(), "clip_frac": frac(high | low), "clip_frac_low": frac(low),
-               "clip_frac_high": frac(high)}
+    with torch.no_grad():
+        if level == "token":  # fractions and ratios over completion tokens
+            count = lambda x: (x & m).sum().to(dtype)
+            den = m.sum().to(dtype)
+            r_sum = torch.where(m, ratio, 0.0).sum()
+            r_min, r_max = torch.where(m, ratio, torch.inf).amin(), torch.where(m, ratio, -torch.inf).amax()
+        else:  # over sequences; a GSPO-token sequence counts by the share of its tokens clipped
+            count = lambda x: (x.to(dtype) if level == "sequence" else seq_mean(x.to(dtype))).sum()
+            den = n.new_tensor(float(B))
+            r = log_s.exp()
+            r_sum, r_min, r_max = r.sum(), r.amin(), r.amax()
+        stats = {"rows": n.new_tensor(float(B)), "loss": -per_seq.sum(), "clip_den": den, "clip": count(high | low),
+                 "clip_low": count(low), "clip_high": count(high), "ratio_sum": r_sum, "ratio_n": den,
+                 "ratio_min": r_min, "ratio_max": r_max}
 
     if ref_logp is not None:
         d = torch.where(m, ref_logp.to(dtype) - lp, 0.0).clamp(max=log_ratio_cap)  # (B, T) log(pi_ref / pi)
-        kl = seq_mean(d.exp() - d - 1).mean()  # k3 estimate of KL(pi || pi_ref): >= 0, unbiased on samples from pi
-        loss = loss + beta * kl
-        metrics["kl"] = kl.item()
-    return LossOutput(loss=loss, metrics=metrics)
+        kl_seq = seq_mean(d.exp() - d - 1)  # (B,) k3 estimate of KL(pi || pi_ref): >= 0, unbiased on samples from pi
+        loss = loss + beta * kl_seq.mean()
+        stats["kl"] = kl_seq.detach().sum()
+    return LossOutput(loss=loss, stats=stats)

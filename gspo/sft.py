@@ -1,6 +1,7 @@
 """Supervised warm start: next-token loss on reference answers, before any reinforcement learning."""
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import torch
 from gspo import checkpoint
 from gspo.config import Config
 from gspo.data import Example, format_prompt
-from gspo.models import load_model, load_tokenizer, pick_device
-from gspo.trainer import evaluate_greedy
+from gspo.models import load_model, load_tokenizer, pick_device, use_threads
+from gspo.optim import make_optimizer, make_scheduler
+from gspo.scoring import greedy_reward
+from gspo.update import autocast
 
 _PROBE_SIZE, _PROBE_EVERY = 256, 25  # examples held back for stop_reward (at most a quarter), steps between scores
 
@@ -31,14 +34,14 @@ def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_
     as soon as the greedy reward on that slice reaches it.
     """
     w = cfg.warm_start
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    use_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     rng = random.Random(cfg.train.seed)
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, cfg.model, device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=w.lr, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = warm_start_optimizer(params, cfg)
     probe = []
     n = min(_PROBE_SIZE, len(examples) // 4) if w.stop_reward else 0
     if n:
@@ -53,24 +56,30 @@ def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_
         ids, labels = _pad(tok, rng.sample(rows, min(w.batch_size, len(rows))))
         ids, labels = ids.to(device), labels.to(device)
         attn = (ids != tok.pad_token_id).long() | (labels != -100).long()
-        lr = w.lr * 0.5 * (1 + torch.cos(torch.tensor((step - 1) / max(1, w.steps) * torch.pi))).item()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        with autocast(device):
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         m = {"step": step, "sft_loss": loss.item()}
         if probe and step % _PROBE_EVERY == 0:
             # A small model crosses from guessing to computing at a step that varies a lot with the seed;
             # stopping on its score makes GSPO start from about the same skill, whatever the seed.
-            reward = m["sft_reward"] = evaluate_greedy(model, tok, probe, cfg)
+            reward = m["sft_reward"] = greedy_reward(model, tok, probe, cfg)
         if on_step is not None:
             on_step(m)
         if reward is not None and reward >= w.stop_reward:
             break
     return checkpoint.save_weights(model, tok, Path(out_dir), {"warm_start_steps": step, "warm_start_reward": reward})
+
+
+def warm_start_optimizer(params, cfg: Config):
+    """The training optimizer (with its bf16 rounding) at the warm start's rate, cosine to zero, no weight decay."""
+    ocfg = dataclasses.replace(cfg.optim, lr=cfg.warm_start.lr, weight_decay=0.0, warmup_steps=0, min_lr_ratio=0.0)
+    opt = make_optimizer(params, ocfg, seed=cfg.train.seed)
+    return opt, make_scheduler(opt, ocfg, cfg.warm_start.steps)
 
 
 def _tokens(tok, prompt: str, answer: str, max_len: int) -> tuple[list[int], list[int]]:

@@ -62,9 +62,10 @@ def test_smoke_runs_the_whole_step(tmp_path):
     r = data["models"]["tiny"]
     assert "error" not in r, r.get("traceback")
     assert r["all_rows_full_length"] and r["decode_fraction_of_bound"] == pytest.approx(ratio, abs=1e-4)
-    assert r["optimizer"].endswith("AdamW8bit")
+    assert r["optimizer"].endswith("RoundingAdamW")
     s = data["settings"]
     for step in r["steps"]:
         assert step["completion_tokens"] == s["group_size"] * s["new_tokens"]
-        assert step["micro_batches"] == s["num_minibatches"] and step["loss_finite"]
+        assert step["micro_batches"] == s["num_minibatches"] and step["updates_applied"] == s["num_minibatches"]
+        assert 0 < step["optimizer_s"] < step["update_s"]
     assert r["optimizer_state_bytes"] > 0 and 0 < r["update_mfu_model"] < r["update_mfu_hardware"]

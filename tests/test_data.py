@@ -110,7 +110,7 @@ def test_hub_unreachable_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ValueError) as err:
         load_examples("gsm8k", split="test")
     msg = str(err.value)
     assert "\n" not in msg

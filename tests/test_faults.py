@@ -2,7 +2,7 @@
 import time
 
 from gspo.data import load_humaneval
-from gspo.trainer import _score
+from gspo.scoring import score as _score
 
 
 def test_hanging_and_flooding_programs_score_zero_and_training_goes_on():
