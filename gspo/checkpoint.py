@@ -1,31 +1,96 @@
-"""Atomic, resumable checkpoints: weights loadable by transformers, plus optimizer, schedule, RNG and loop state."""
+"""Durable, verified, resumable checkpoints: weights loadable by transformers, plus optimizer, schedule, RNG and
+loop state.
+
+A checkpoint directory is written aside (`.<name>-*`), every file is fsynced, a manifest of SHA-256 checksums is
+written last, and only then is the directory renamed into place (and its parent fsynced). On resume the newest
+checkpoint whose files match their manifest is used; one that does not (truncated, emptied, bit-flipped, its
+manifest missing) is set aside under `<name>.corrupt-<time>`, never deleted, with a one-line warning.
+"""
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from gspo.models import save_model
 
+log = logging.getLogger(__name__)
+
 _STEP = "step-"
+MANIFEST = "checksums.json"
 
 
-def _atomic_dir(final: Path):
+class CorruptCheckpoint(ValueError):
+    pass
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _seal(d: Path) -> None:
+    """fsync every file of d, then write its manifest (also fsynced) and fsync the directories."""
+    files = sorted(p for p in d.rglob("*") if p.is_file())
+    manifest = {}
+    for f in files:
+        _fsync(f)
+        manifest[str(f.relative_to(d))] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+    m = d / MANIFEST
+    m.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    _fsync(m)
+    for sub in sorted({f.parent for f in files} | {d}, key=lambda p: -len(p.parts)):
+        _fsync(sub)
+
+
+def verify(d: Path) -> None:
+    """Raise CorruptCheckpoint naming the first file of d that does not match its manifest."""
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{d}: no readable {MANIFEST} ({type(e).__name__})") from None
+    for rel, want in manifest.items():
+        f = d / rel
+        if not f.is_file():
+            raise CorruptCheckpoint(f"{d}: {rel} is missing")
+        if f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]:
+            raise CorruptCheckpoint(f"{d}: {rel} does not match its checksum")
+
+
+def _atomic_dir(final: Path) -> Path:
     """A temporary sibling directory that replaces `final` only once fully written."""
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
 
 
 def _commit(tmp: Path, final: Path) -> None:
+    _seal(tmp)
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
     os.replace(tmp, final)
+    _fsync(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -55,7 +120,7 @@ def save(out_dir: Path, step: int, model, tokenizer, opt, sched, state: dict, rn
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in all_steps(out_dir)[:-keep] if keep > 0 else []:
+    for old in all_steps(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -64,16 +129,38 @@ def all_steps(out_dir: Path) -> list[Path]:
     d = Path(out_dir) / "checkpoints"
     if not d.exists():
         return []
-    return sorted(p for p in d.iterdir() if p.name.startswith(_STEP) and (p / "trainer_state.pt").exists())
+    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith(_STEP) and "." not in p.name)
 
 
-def latest(out_dir: Path) -> Path | None:
-    steps = all_steps(out_dir)
-    return steps[-1] if steps else None
+def latest_intact(out_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; newer ones that do not are set aside with a warning."""
+    for ckpt in reversed(all_steps(out_dir)):
+        try:
+            verify(ckpt)
+            return ckpt
+        except CorruptCheckpoint as e:
+            aside = ckpt.with_name(f"{ckpt.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(ckpt, aside)
+            log.warning("%s; set aside as %s, resuming from an older checkpoint if there is one", e, aside.name)
+    return None
+
+
+def remove_unfinished(out_dir: Path) -> list[Path]:
+    """Delete directories a killed writer left behind (`.step-*`, `.best-*`, `.final-*`, `.*.old-*`): only ever
+    partial copies. Call it holding the output directory's lock."""
+    out_dir = Path(out_dir)
+    gone = []
+    for parent in (out_dir, out_dir / "checkpoints"):
+        if parent.is_dir():
+            for p in parent.iterdir():
+                if p.is_dir() and p.name.startswith("."):
+                    shutil.rmtree(p, ignore_errors=True)
+                    gone.append(p)
+    return gone
 
 
 def load(ckpt: Path, model, opt, sched) -> dict:
-    # weights_only=False: the file holds Python RNG state and is written by this trainer only.
+    # weights_only=False: the file holds Python RNG state and is written by this trainer only (and verified).
     saved = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
     if "trainable" in saved:
         params = dict(model.named_parameters())
@@ -105,11 +192,60 @@ def _load_full_weights(model, model_dir: Path) -> None:
                          f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
 
+def metrics_line(m: dict) -> str:
+    """One strict-JSON line: non-finite numbers (a skipped update's grad norm) become null, never bare NaN."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from, so the log matches the weights."""
+    """Keep the metric lines up to `step`, the checkpoint resumed from. A torn last line (a write cut short by a
+    full disk or a kill) is dropped: it comes after the checkpoint. A bad line before the end is an error."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    lines = path.read_bytes().split(b"\n")
+    keep = []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except ValueError:
+            if i == len(lines):  # no newline after it: the append never finished
+                break
+            raise ValueError(f"{path}:{i}: not a JSON metrics line; remove it or start in a new directory") from None
+        if row["step"] <= step:
+            keep.append(raw.decode() + "\n")
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class RunLock:
+    """An exclusive lock on a training output directory, held while training runs; released by the kernel when the
+    process dies. A second trainer on the same directory gets a one-line error naming the holder's pid."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / ".lock"
+        self.fd = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"{self.path.parent} is in use by another training process (pid {holder}); "
+                             "wait for it or train into another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)

@@ -111,9 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gspo.errors import Diverged, Stopped
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except Stopped as e:
+        print(f"gspo {args.cmd}: {e}", file=sys.stderr)
+        return 128 + e.signum  # what the shell reports for a process ended by that signal
+    except Diverged as e:
+        print(f"gspo {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, KeyError) as e:
         # Bad input is reported as one line; tracebacks are for bugs.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

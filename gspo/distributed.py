@@ -48,6 +48,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_flag(flag: bool, dev: torch.device) -> bool:
+    """True if any rank's flag is (a stop request seen by one rank stops all of them at the same point)."""
+    if not _active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_object(obj):
+    """Rank 0's obj on every rank."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_finite(flag: bool, dev: torch.device) -> bool:
     """True only if every rank's flag is: a non-finite loss anywhere skips the update everywhere."""
     if not _active():

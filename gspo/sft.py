@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from pathlib import Path
 
@@ -10,10 +11,11 @@ import torch
 from gspo import checkpoint
 from gspo.config import Config
 from gspo.data import Example, format_prompt
+from gspo.errors import Diverged
 from gspo.models import load_model, load_tokenizer, pick_device, use_threads
 from gspo.optim import make_optimizer, make_scheduler
 from gspo.scoring import greedy_reward
-from gspo.update import autocast
+from gspo.update import autocast, params_norm
 
 _PROBE_SIZE, _PROBE_EVERY = 256, 25  # examples held back for stop_reward (at most a quarter), steps between scores
 
@@ -72,6 +74,9 @@ def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_
             on_step(m)
         if reward is not None and reward >= w.stop_reward:
             break
+    norm = params_norm(params)
+    if not math.isfinite(norm):
+        raise Diverged(f"warm start: the weights are not finite after step {step}; lower warm_start.lr")
     return checkpoint.save_weights(model, tok, Path(out_dir), {"warm_start_steps": step, "warm_start_reward": reward})
 
 

@@ -3,10 +3,15 @@
 Resumes exactly from its last checkpoint."""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import random
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,9 +23,13 @@ from gspo import checkpoint, distributed, metrics, scoring, update
 from gspo.advantages import group_advantages
 from gspo.config import Config
 from gspo.data import Example, format_prompt
+from gspo.errors import Diverged, Stopped
 from gspo.models import load_model, load_tokenizer, use_threads
 from gspo.optim import make_optimizer, make_scheduler
 from gspo.rollout import Rollout, generate
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,6 +106,202 @@ def rollout(model, tok, prompts: list[str], cfg: Config, step: int, first_row: i
                     row_seeds=seeds, decode=g.decode)
 
 
+# Fields that may differ between a run and its resumption: they change neither the weights nor the data order.
+RESUMABLE_CHANGES = {"train": {"progress", "threads", "device", "checkpoint_every", "keep_checkpoints"}}
+RUN_RECORD = "run.json"
+
+
+def run_record(cfg: Config, model_dir: Path, train_examples: list[Example]) -> dict:
+    """What a run trains: the config sections training reads and fingerprints of its model and data."""
+    d = cfg.to_dict()
+    sections = {k: {f: v for f, v in d[k].items() if f not in RESUMABLE_CHANGES.get(k, set())}
+                for k in ("model", "data", "warm_start", "gspo", "optim", "train")}
+    sections["eval"] = {"code_timeout": d["eval"]["code_timeout"]}  # it decides code rewards
+    data = b"".join(json.dumps(e.to_dict(), sort_keys=True).encode() + b"\n" for e in train_examples)
+    files = sorted((str(f.relative_to(model_dir)), f.stat().st_size) for f in Path(model_dir).rglob("*") if f.is_file())
+    return {"config": sections, "train_data_sha256": hashlib.sha256(data).hexdigest(),
+            "model_files": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
+
+
+def check_same_run(out_dir: Path, record: dict) -> None:
+    """Refuse to continue a run of another configuration in out_dir: a one-line error naming what differs."""
+    path = out_dir / RUN_RECORD
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    diff = [f"{sec}.{k}: {old['config'].get(sec, {}).get(k)!r} -> {v!r}" for sec, fields in record["config"].items()
+            for k, v in fields.items() if old["config"].get(sec, {}).get(k) != v]
+    diff += [f"{k} changed" for k in ("train_data_sha256", "model_files") if old.get(k) != record[k]]
+    if diff:
+        raise ValueError(f"{out_dir} holds a run of another training configuration ({'; '.join(diff[:6])}"
+                         f"{'; ...' if len(diff) > 6 else ''}); train into a new directory")
+
+
+@contextmanager
+def stop_requests():
+    """SIGTERM and SIGINT ask training to stop at its next safe point (after the rollout, or after the step's
+    updates) with a checkpoint; a second signal ends the process at once. The flag is a one-item list.
+    Off the main thread (a Prefect worker) signals cannot be caught, and the runner's own handling applies."""
+    flag: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        flag.append(signum)
+        log.warning("%s received: stopping at the end of this step's updates with a checkpoint "
+                    "(send it again to stop at once)", signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class Run:
+    """One training run's live objects, built once: model (and reference), optimizer, schedule, loop state."""
+
+    def __init__(self, cfg: Config, model_dir: Path, train_examples: list[Example], eval_examples: list[Example],
+                 out_dir: Path):
+        g, t = cfg.gspo, cfg.train
+        self.cfg, self.out_dir = cfg, out_dir
+        self.rank, self.world = distributed.rank_and_world()
+        if g.prompts_per_step % self.world:
+            raise ValueError(f"gspo.prompts_per_step={g.prompts_per_step} must be divisible by the {self.world} ranks")
+        self.device = distributed.device(t.device)
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+        torch.manual_seed(t.seed)
+        self.tok = load_tokenizer(model_dir)
+        self.model = load_model(model_dir, cfg.model, self.device)
+        self.ref = (load_model(model_dir, cfg.model, self.device, trainable=False)
+                    if g.beta > 0 and cfg.model.lora_r == 0 else None)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = make_optimizer(self.params, cfg.optim, seed=t.seed)
+        self.sched = make_scheduler(self.opt, cfg.optim, t.steps * g.num_minibatches)
+        self.state = TrainState()
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.examples = train_examples
+        self.prompts = [format_prompt(self.tok, e, cfg.data.use_chat_template) for e in train_examples]
+        self.eval_examples = eval_examples[:cfg.data.eval_size] if cfg.data.eval_size else eval_examples
+        self.sampler = PromptSampler(len(train_examples), t.seed, self.state)
+        self.exact_sampler = sampler_logprobs_are_exact(self.model, self.device)
+        self.n_rows = g.prompts_per_step * g.group_size
+        self.first_row = self.rank * self.n_rows // self.world  # this rank's rows: first_row .. + n_rows / world - 1
+        self.norm = update.params_norm(self.params)
+        self.stopped_early = False  # train.max_consecutive_skips non-finite updates in a row
+        self.last_checkpoint: Path | None = None
+
+    def resume(self) -> None:
+        """Continue from the newest intact checkpoint (rank 0 picks it, setting corrupt ones aside)."""
+        ckpt = checkpoint.latest_intact(self.out_dir) if self.rank == 0 else None
+        ckpt = distributed.broadcast_object(ckpt)
+        if ckpt is None:
+            if self.rank == 0 and self.metrics_path.exists():
+                self.metrics_path.unlink()  # a fresh run: stale metrics from a run that never checkpointed
+            return
+        saved = checkpoint.load(ckpt, self.model, self.opt, self.sched)
+        self.state.__dict__.update(saved["state"])
+        _set_rng_state(saved["rng"])
+        self.norm = update.params_norm(self.params)
+        if self.rank == 0:
+            checkpoint.truncate_metrics(self.metrics_path, self.state.step)
+            log.info("resumed from %s (step %d)", ckpt, self.state.step)
+
+    def step(self, stop: list[int], after_backward=None) -> dict | None:
+        """One rollout batch, in phases; None when a stop was requested before its updates (nothing changed)."""
+        cfg, g = self.cfg, self.cfg.gspo
+        t0 = time.perf_counter()
+        before = (self.state.epoch, self.state.position, _rng_state())
+        # 1. rollout: this rank's share of the step's prompts, whole groups
+        share = g.prompts_per_step // self.world
+        ids = self.sampler.take(g.prompts_per_step)[self.rank * share:(self.rank + 1) * share]
+        examples = [self.examples[i] for i in ids for _ in range(g.group_size)]
+        roll = rollout(self.model, self.tok, [self.prompts[i] for i in ids], cfg, self.state.step, self.first_row,
+                       self.n_rows)
+        t1 = time.perf_counter()
+        # 2. rewards and group advantages
+        reward, per_task = scoring.score(roll.texts, examples, cfg)
+        adv, zero_groups = group_advantages(reward, g.group_size)
+        adv = adv.to(self.device)
+        t2 = time.perf_counter()
+        if distributed.any_flag(bool(stop), self.device):
+            # Abandon the step: nothing was updated, so the state before it is exactly resumable.
+            self.state.epoch, self.state.position = before[:2]
+            self._checkpoint(rng=before[2])
+            return None
+        # 3. which rows each update trains, and their old (and reference) log-probs in the same micro-batches
+        plan = update.make_plan(roll, adv, cfg, self.state.step, self.first_row, self.n_rows)
+        old_logp = roll.logp if self.exact_sampler else update.logprobs(self.model, roll, plan, g.temperature)
+        ref_logp = None
+        if g.beta > 0:
+            with (self.model.disable_adapter() if self.ref is None else nullcontext()):
+                ref_logp = update.logprobs(self.ref or self.model, roll, plan, g.temperature)
+        # 4. num_minibatches clipped updates
+        res = update.run_updates(self.model, self.opt, self.sched, self.params, roll, adv, old_logp, ref_logp, plan,
+                                 cfg, self.state.consecutive_skips, self.norm, after_backward,
+                                 self.state.step * g.num_minibatches)
+        if res.grad_norms:
+            self.norm = res.norm
+        self.stopped_early = res.stopped
+        t3 = time.perf_counter()
+        self.state.step += 1
+        for ok in res.finite:
+            self.state.skipped_updates += not ok
+            self.state.consecutive_skips = 0 if ok else self.state.consecutive_skips + 1
+        # 5. metrics of the whole global batch, identical to a single process's
+        lens = roll.completion_mask.sum(1).float()
+        mask = roll.completion_mask.float()
+        trained = float(sum(len(mc) for mb in plan for mc in mb.micro))
+        reward, adv, lens, trunc = (distributed.gather(x, self.device)
+                                    for x in (reward, adv.cpu(), lens, roll.truncated.float()))
+        per_task = distributed.gather_lists(per_task)
+        ent_sum, ent_n, zero_groups, n_tokens, trained = distributed.sum_floats(
+            [float((roll.entropy * mask).sum()), float(mask.sum()), zero_groups,
+             float(roll.prompt_mask.sum() + roll.completion_mask.sum()), trained], self.device)
+        return {"step": self.state.step,
+                **metrics.step_metrics(reward, per_task, adv, zero_groups / g.prompts_per_step, trained / self.n_rows,
+                                       res, ent_sum / max(ent_n, 1.0), lens, trunc),
+                "skipped_updates": self.state.skipped_updates,
+                "tokens_per_s": n_tokens / (t3 - t0), "rollout_tokens_per_s": float(lens.sum()) / (t1 - t0),
+                "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_update_s": t3 - t2}
+
+    def finish_step(self, m: dict, on_step, stop: list[int]) -> bool:
+        """Evaluation, the metrics line, the checkpoint; True when training must end here."""
+        t, st = self.cfg.train, self.state
+        stopped = self.stopped_early
+        requested = distributed.any_flag(bool(stop), self.device)
+        if self.rank == 0:
+            if t.eval_every and (st.step % t.eval_every == 0 or st.step == t.steps) and self.eval_examples:
+                score = scoring.greedy_reward(self.model, self.tok, self.eval_examples, self.cfg)
+                m["eval_reward"] = score
+                st.eval_history.append([st.step, score])
+                if st.best_eval is None or score > st.best_eval:
+                    st.best_eval = score
+                    checkpoint.save_weights(self.model, self.tok, self.out_dir / "best",
+                                            {"step": st.step, "eval_reward": score})
+            with open(self.metrics_path, "a") as f:
+                f.write(checkpoint.metrics_line(m))
+            if on_step is not None:
+                on_step(m)
+        if stopped or requested or (t.checkpoint_every and st.step % t.checkpoint_every == 0 and st.step < t.steps):
+            self._checkpoint()
+        return stopped or requested
+
+    def _checkpoint(self, rng: dict | None = None) -> None:
+        if self.rank == 0:
+            self.last_checkpoint = checkpoint.save(self.out_dir, self.state.step, self.model, self.tok, self.opt,
+                                                   self.sched, self.state.__dict__, rng or _rng_state(),
+                                                   self.cfg.train.keep_checkpoints)
+        distributed.barrier()
+
+
 def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eval_examples: list[Example],
           out_dir: str | Path, on_step: Callable[[dict], None] | None = None,
           after_backward: Callable[[torch.nn.Module, int], None] | None = None) -> TrainResult:
@@ -107,124 +312,62 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
     trajectory as one process (sampling noise is per completion, not per batch). Rank 0 writes metrics and
     checkpoints. `after_backward(model, update_index)` runs after each accumulated backward pass, before the
     non-finite guard: a place for gradient surgery or fault injection.
+
+    Raises ValueError when out_dir holds a run of another configuration or another process trains there,
+    Stopped after a SIGTERM / SIGINT (with a checkpoint), and update.Diverged when the weights blow up (nothing
+    after the last checkpoint is saved).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if not train_examples:
         raise ValueError("no training examples")
-    g, t = cfg.gspo, cfg.train
-    use_threads(t.threads)
-    rank, world = distributed.rank_and_world()
-    if g.prompts_per_step % world:
-        raise ValueError(f"gspo.prompts_per_step={g.prompts_per_step} must be divisible by the {world} ranks")
-    device = distributed.device(t.device)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-    torch.manual_seed(t.seed)
-
-    tok = load_tokenizer(model_dir)
-    model = load_model(model_dir, cfg.model, device)
-    ref = load_model(model_dir, cfg.model, device, trainable=False) if g.beta > 0 and cfg.model.lora_r == 0 else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg.optim, seed=t.seed)
-    sched = make_scheduler(opt, cfg.optim, t.steps * g.num_minibatches)
-    state = TrainState()
-    metrics_path = out_dir / "metrics.jsonl"
-    resume_from = checkpoint.latest(out_dir)
-    if resume_from is not None:
-        saved = checkpoint.load(resume_from, model, opt, sched)
-        state = TrainState(**saved["state"])
-        _set_rng_state(saved["rng"])
+    use_threads(cfg.train.threads)
+    rank = distributed.rank_and_world()[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (checkpoint.RunLock(out_dir) if rank == 0 else nullcontext()), stop_requests() as stop:
+        record = run_record(cfg, Path(model_dir), train_examples)
         if rank == 0:
-            checkpoint.truncate_metrics(metrics_path, state.step)
-    elif metrics_path.exists() and rank == 0:
-        metrics_path.unlink()  # a fresh run: stale metrics from a run that never checkpointed
-
-    exact_sampler = sampler_logprobs_are_exact(model, device)
-    sampler = PromptSampler(len(train_examples), t.seed, state)
-    prompts_text = [format_prompt(tok, e, cfg.data.use_chat_template) for e in train_examples]
-    eval_subset = eval_examples[:cfg.data.eval_size] if cfg.data.eval_size else eval_examples
-    P_local = g.prompts_per_step // world
-    B, B_local = g.prompts_per_step * g.group_size, P_local * g.group_size
-    lo = rank * B_local  # this rank's rows are global rows lo .. lo + B_local - 1
-    stopped_early = False
-    norm = update.params_norm(params)
-    bar = None
-    if t.progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=t.steps, initial=state.step, desc="gspo", unit="step", dynamic_ncols=True)
-
-    while state.step < t.steps:
-        t0 = time.perf_counter()
-        # 1. rollout
-        ids = sampler.take(g.prompts_per_step)[rank * P_local:(rank + 1) * P_local]
-        examples = [train_examples[i] for i in ids for _ in range(g.group_size)]
-        roll = rollout(model, tok, [prompts_text[i] for i in ids], cfg, state.step, lo, B)
-        t1 = time.perf_counter()
-        # 2. rewards and group advantages
-        reward, per_task = scoring.score(roll.texts, examples, cfg)
-        adv, zero_groups = group_advantages(reward, g.group_size)
-        adv = adv.to(device)
-        t2 = time.perf_counter()
-        # 3. which rows each update trains, and their old (and reference) log-probs in the same micro-batches
-        plan = update.make_plan(roll, adv, cfg, state.step, lo, B)
-        old_logp = roll.logp if exact_sampler else update.logprobs(model, roll, plan, g.temperature)
-        ref_logp = None
-        if g.beta > 0:
-            with (model.disable_adapter() if ref is None else nullcontext()):
-                ref_logp = update.logprobs(ref if ref is not None else model, roll, plan, g.temperature)
-        # 4. num_minibatches clipped updates
-        res = update.run_updates(model, opt, sched, params, roll, adv, old_logp, ref_logp, plan, cfg,
-                                 state.consecutive_skips, norm, after_backward, state.step * g.num_minibatches)
-        norm = res.norm if res.grad_norms else norm
-        t3 = time.perf_counter()
-
-        state.step += 1
-        for ok in res.finite:
-            state.skipped_updates += not ok
-            state.consecutive_skips = 0 if ok else state.consecutive_skips + 1
-        stopped_early = res.stopped
-        # 5. metrics of the whole global batch, identical to a single process's
-        lens = roll.completion_mask.sum(1).float()
-        mask = roll.completion_mask.float()
-        trained = float(sum(len(mc) for mb in plan for mc in mb.micro))
-        reward, adv_all, lens, trunc = (distributed.gather(x, device) for x in (reward, adv.cpu(), lens, roll.truncated.float()))
-        per_task = distributed.gather_lists(per_task)
-        ent_sum, ent_n, zero_groups, n_tokens, trained = distributed.sum_floats(
-            [float((roll.entropy * mask).sum()), float(mask.sum()), zero_groups,
-             float(roll.prompt_mask.sum() + roll.completion_mask.sum()), trained], device)
-        m = {"step": state.step, **metrics.step_metrics(reward, per_task, adv_all, zero_groups / g.prompts_per_step,
-                                                        trained / B, res, ent_sum / max(ent_n, 1.0), lens, trunc),
-             "skipped_updates": state.skipped_updates,
-             "tokens_per_s": n_tokens / (t3 - t0), "rollout_tokens_per_s": float(lens.sum()) / (t1 - t0),
-             "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_update_s": t3 - t2}
-        # 6. evaluation, metrics line, checkpoint
-        if rank == 0:
-            if t.eval_every and (state.step % t.eval_every == 0 or state.step == t.steps) and eval_subset:
-                score = scoring.greedy_reward(model, tok, eval_subset, cfg)
-                m["eval_reward"] = score
-                state.eval_history.append([state.step, score])
-                if state.best_eval is None or score > state.best_eval:
-                    state.best_eval = score
-                    checkpoint.save_weights(model, tok, out_dir / "best", {"step": state.step, "eval_reward": score})
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            if on_step is not None:
-                on_step(m)
-            if bar is not None:
-                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", clip=f"{m.get('clip_frac', 0):.3f}")
-                bar.update(1)
-            if stopped_early or (t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < t.steps):
-                checkpoint.save(out_dir, state.step, model, tok, opt, sched, state.__dict__, _rng_state(), t.keep_checkpoints)
+            check_same_run(out_dir, record)
+            checkpoint.remove_unfinished(out_dir)
         distributed.barrier()
-        if stopped_early:
-            break
-    if bar is not None:
-        bar.close()
-    if rank == 0:
-        checkpoint.save_weights(model, tok, out_dir / "final", {"step": state.step, "stopped_early": stopped_early})
-    distributed.barrier()
+        run = Run(cfg, Path(model_dir), train_examples, eval_examples, out_dir)
+        run.resume()
+        if rank == 0:
+            _write_json(out_dir / RUN_RECORD, record)
+        bar = _progress(cfg, run.state.step) if rank == 0 else None
+        while run.state.step < cfg.train.steps:
+            try:
+                m = run.step(stop, after_backward)
+            except Diverged as e:
+                last = checkpoint.latest_intact(out_dir) if rank == 0 else None
+                raise Diverged(f"{e}; the last good checkpoint is {last or 'none: nothing was saved'}") from None
+            if m is None or run.finish_step(m, on_step, stop) and not run.stopped_early:
+                # Another rank may have been signalled first: every rank stops together.
+                raise Stopped(stop[0] if stop else signal.SIGTERM, run.state.step, run.last_checkpoint)
+            if bar is not None:
+                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", clip=f"{m.get('clip_frac') or 0:.3f}")
+                bar.update(1)
+            if run.stopped_early:
+                break
+        if bar is not None:
+            bar.close()
+        if rank == 0:
+            checkpoint.save_weights(run.model, run.tok, out_dir / "final",
+                                    {"step": run.state.step, "stopped_early": run.stopped_early})
+        distributed.barrier()
     best = out_dir / "best"
-    return TrainResult(out_dir / "final", best if best.exists() else None, metrics_path, state.step,
-                       state.skipped_updates, stopped_early, state.best_eval)
+    return TrainResult(out_dir / "final", best if best.exists() else None, run.metrics_path, run.state.step,
+                       run.state.skipped_updates, run.stopped_early, run.state.best_eval)
+
+
+def _progress(cfg: Config, initial: int):
+    if not cfg.train.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.train.steps, initial=initial, desc="gspo", unit="step", dynamic_ncols=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)

@@ -24,6 +24,7 @@ import torch
 
 from gspo import distributed, metrics
 from gspo.config import Config
+from gspo.errors import Diverged
 from gspo.loss import policy_loss
 from gspo.rollout import Rollout, token_logprobs
 
@@ -109,10 +110,6 @@ class UpdateResult:
     norm: float = math.nan  # the parameters' norm after the last applied update
 
 
-class Diverged(RuntimeError):
-    """The weights became non-finite or exploded: training stops, nothing after the last checkpoint is saved."""
-
-
 def params_norm(params: list[torch.Tensor]) -> float:
     """Total L2 norm of the parameters: one fused pass, one host read."""
     return float(torch.nn.utils.get_total_norm([p.detach() for p in params]))
@@ -173,7 +170,7 @@ def run_updates(model, opt, sched, params: list[torch.nn.Parameter], roll: Rollo
             new_norm = params_norm(params)
             if not math.isfinite(new_norm) or new_norm > 2 * norm:
                 raise Diverged(f"update {first_update + i} took the weights' norm from {norm:.4g} to {new_norm:.4g}; "
-                               "lower optim.lr (nothing of this step is saved)")
+                               "lower optim.lr")
             norm = new_norm
         opt.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
