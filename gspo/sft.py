@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 from pathlib import Path
@@ -14,9 +15,11 @@ from gspo.data import Example, format_prompt
 from gspo.errors import Diverged
 from gspo.models import load_model, load_tokenizer, pick_device, use_threads
 from gspo.optim import make_optimizer, make_scheduler
+from gspo.progress import Progress
 from gspo.scoring import greedy_reward
 from gspo.update import autocast, params_norm
 
+log = logging.getLogger(__name__)
 _PROBE_SIZE, _PROBE_EVERY = 256, 25  # examples held back for stop_reward (at most a quarter), steps between scores
 
 
@@ -53,7 +56,8 @@ def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_
     # Tokenised once: on a tiny model, tokenising every batch costs a quarter of the step.
     rows = [_tokens(tok, format_prompt(tok, e, cfg.data.use_chat_template), target_text(e) + tok.eos_token,
                     cfg.gspo.max_prompt_length + cfg.gspo.max_new_tokens) for e in examples]
-    step, reward = 0, None
+    step, reward, why = 0, None, ""
+    bar = Progress(w.steps, "warm start", log, enabled=cfg.train.progress)
     for step in range(1, w.steps + 1):
         ids, labels = _pad(tok, rng.sample(rows, min(w.batch_size, len(rows))))
         ids, labels = ids.to(device), labels.to(device)
@@ -72,12 +76,16 @@ def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_
             reward = m["sft_reward"] = greedy_reward(model, tok, probe, cfg)
         if on_step is not None:
             on_step(m)
+        bar.update(step, loss=f"{m['sft_loss']:.3f}", **({} if reward is None else {"reward": f"{reward:.3f}"}))
         if reward is not None and reward >= w.stop_reward:
+            why = f"held-back reward {reward:.3f} reached warm_start.stop_reward {w.stop_reward}"
             break
+    bar.close(why)
     norm = params_norm(params)
     if not math.isfinite(norm):
         raise Diverged(f"warm start: the weights are not finite after step {step}; lower warm_start.lr")
-    return checkpoint.save_weights(model, tok, Path(out_dir), {"warm_start_steps": step, "warm_start_reward": reward})
+    return checkpoint.save_weights(model, tok, Path(out_dir), {"warm_start_steps": step, "warm_start_reward": reward,
+                                                               "stopped": why or None})
 
 
 def warm_start_optimizer(params, cfg: Config):

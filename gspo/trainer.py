@@ -26,6 +26,7 @@ from gspo.data import Example, format_prompt
 from gspo.errors import Diverged, Stopped
 from gspo.models import load_model, load_tokenizer, use_threads
 from gspo.optim import make_optimizer, make_scheduler
+from gspo.progress import Progress
 from gspo.rollout import Rollout, generate
 
 
@@ -333,7 +334,7 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
         run.resume()
         if rank == 0:
             _write_json(out_dir / RUN_RECORD, record)
-        bar = _progress(cfg, run.state.step) if rank == 0 else None
+        bar = Progress(cfg.train.steps, "gspo", log, run.state.step, enabled=cfg.train.progress and rank == 0)
         while run.state.step < cfg.train.steps:
             try:
                 m = run.step(stop, after_backward)
@@ -343,13 +344,10 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
             if m is None or run.finish_step(m, on_step, stop) and not run.stopped_early:
                 # Another rank may have been signalled first: every rank stops together.
                 raise Stopped(stop[0] if stop else signal.SIGTERM, run.state.step, run.last_checkpoint)
-            if bar is not None:
-                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", clip=f"{m.get('clip_frac') or 0:.3f}")
-                bar.update(1)
+            bar.update(run.state.step, reward=f"{m['reward_mean']:.3f}", clip=f"{m.get('clip_frac') or 0:.3f}")
             if run.stopped_early:
                 break
-        if bar is not None:
-            bar.close()
+        bar.close(f"{cfg.train.max_consecutive_skips} non-finite updates in a row" if run.stopped_early else "")
         if rank == 0:
             checkpoint.save_weights(run.model, run.tok, out_dir / "final",
                                     {"step": run.state.step, "stopped_early": run.stopped_early})
@@ -357,14 +355,6 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
     best = out_dir / "best"
     return TrainResult(out_dir / "final", best if best.exists() else None, run.metrics_path, run.state.step,
                        run.state.skipped_updates, run.stopped_early, run.state.best_eval)
-
-
-def _progress(cfg: Config, initial: int):
-    if not cfg.train.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.train.steps, initial=initial, desc="gspo", unit="step", dynamic_ncols=True)
 
 
 def _write_json(path: Path, data: dict) -> None:

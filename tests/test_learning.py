@@ -36,4 +36,4 @@ def test_stop_reward_with_too_few_examples_to_hold_any_back_trains_on_them_all(t
     cfg = load_config(None, ["warm_start.steps=3", "warm_start.stop_reward=0.5", "train.threads=1"])
     out = warm_start(cfg, save_tiny(tmp_path / "base"), prepare_splits(cfg).warm_start[:3], tmp_path / "ws")
     meta = json.loads((out / "gspo_meta.json").read_text())
-    assert meta == {"warm_start_steps": 3, "warm_start_reward": None}
+    assert meta == {"warm_start_steps": 3, "warm_start_reward": None, "stopped": None}
