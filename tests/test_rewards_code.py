@@ -439,3 +439,37 @@ def test_attack_does_not_pass_and_leaves_no_trace(name, world):
     assert not verdict.passed, verdict
     assert os.environ["GSPO_TEST_SECRET"] not in verdict.output + verdict.reason
     assert len(verdict.output) <= sandbox.Limits().output + 100
+
+
+def test_training_and_evaluation_give_a_completion_the_same_verdict():
+    from gspo.config import Config
+    from gspo.evaluate import score_code
+
+    example = Example(id="HumanEval/53", prompt=ADD["prompt"], reference=ADD, task="humaneval")
+    body = ADD["canonical_solution"]
+    completions = [
+        body,  # a raw continuation
+        body + "\n\ndef main():\n    print(add(1, 2))\n\nif __name__ == '__main__':\n    main()\n",
+        body + "\nprint(add(1, 2))\nraise SystemExit(1)\n",  # cut at the stop sequence: passes both ways
+        "Here is the function:\n```python\n" + ADD["prompt"] + body + "```\nIt adds.",  # a chat answer
+        "```py\ndef add(x, y):\n    return x - y\n```",
+        "    return x +\n",
+        "I cannot help with that.",
+        "```python\n```",
+    ]
+    cfg = Config()
+    metrics, rows = score_code([example] * len(completions), completions, len(completions), cfg)
+    rewarded = rewards.score_batch("humaneval", completions, [example] * len(completions), workers=2,
+                                   timeout=cfg.eval.code_timeout)
+    assert [r["passed"] for r in rows] == [r.score == 1.0 for r in rewarded] == [True] * 4 + [False] * 4
+
+
+def test_the_reward_takes_the_evaluations_timeout_and_refuses_unknown_options():
+    example = Example(id="he/53", prompt=ADD["prompt"], reference=ADD, task="humaneval")
+    slow = "    import time\n    time.sleep(0.02)\n    return x + y\n"  # 105 calls: about 2.1 s
+    assert rewards.score("humaneval", slow, example, timeout=1).verdict == "timeout"
+    assert rewards.score("humaneval", slow, example, timeout=30).verdict == "correct"
+    with pytest.raises(TypeError, match="reward 'humaneval' takes no such options"):
+        rewards.score_batch("humaneval", [slow], [example], timeot=30)
+    with pytest.raises(TypeError, match="reward 'gsm8k' takes no such options"):
+        rewards.score_batch("gsm8k", ["#### 1"], [Example(id="0", prompt="q", reference="1", task="gsm8k")], timeout=3)
