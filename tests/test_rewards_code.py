@@ -3,6 +3,7 @@ import os
 import random
 import socket
 import subprocess
+import sys
 import time
 import uuid
 import warnings
@@ -473,3 +474,16 @@ def test_the_reward_takes_the_evaluations_timeout_and_refuses_unknown_options():
         rewards.score_batch("humaneval", [slow], [example], timeot=30)
     with pytest.raises(TypeError, match="reward 'gsm8k' takes no such options"):
         rewards.score_batch("gsm8k", ["#### 1"], [Example(id="0", prompt="q", reference="1", task="gsm8k")], timeout=3)
+
+
+def test_tests_keep_their_asserts_under_python_dash_o():
+    """Compiled with the interpreter's optimisation level, `python -O` would strip every assert of the test
+    and pass any program that loads."""
+    script = ("from rewards.code import read_problems, run_candidate\n"
+              "p = read_problems()['HumanEval/53']\n"
+              "print(run_candidate(p, '    return 0\\n').result)\n")
+    project = os.path.dirname(os.path.dirname(rewards.__file__))
+    for flags, env in ((["-O"], {}), ([], {"PYTHONOPTIMIZE": "2"})):
+        out = subprocess.run([sys.executable, *flags, "-c", script], cwd=project, capture_output=True, text=True,
+                             env={**os.environ, **env}, timeout=120)
+        assert out.stdout.startswith("failed: AssertionError at test line"), out.stderr[-2000:]
