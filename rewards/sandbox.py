@@ -14,8 +14,8 @@ One sandbox is three processes, all started from a fork server so each costs a f
 
 The warden never runs program code. When the caller closes the sandbox (or dies) it kills the program; as
 pid 1 of its namespace, the program's death takes every process it started with it. Without a pid
-namespace the warden sweeps the program's uid (unique per sandbox) and cgroups, and reaps as subreaper.
-Protections that this machine cannot provide are named in a warning, once.
+namespace the warden sweeps the program's uid (unique on the machine while the sandbox lives) and cgroups,
+and reaps as subreaper. Protections that this machine cannot provide are named in a warning, once.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import ctypes
 import json
 import os
 import resource
+import secrets
 import select
 import shutil
 import signal
@@ -43,18 +44,25 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER, MNT_DETACH = 38, 36, 2
 
-# Each sandbox runs as its own uid so rlimits (RLIMIT_NPROC) and the kill-by-uid sweep are per sandbox; the
-# range is far above any account: UID_BASE + pid * 64 + slot (pids are below 2**22).
+# Sandbox uids lie in a range no account or container uses (systemd's "unused" 0x70000000-0x7FFDFFFF).
+# A uid is UID_BASE + (serial % 4094) << 16 + claim. The claim is the number the kernel gave a UTS namespace
+# made for this sandbox: unique among the live namespaces of the machine, whatever pid namespace or
+# container the caller runs in. The serial counts the fork server's sandboxes from a random start, so uids
+# also differ from run to run and between callers. Where no namespace can be made (or more than 65536 are
+# alive), a random uid from the same range.
 UID_BASE = 0x70000000
-SLOTS = 64
+_FIRST_NS_INODE = 0xF0000000  # the kernel numbers namespaces from here (PROC_DYNAMIC_FIRST)
+
 
 PROTECTIONS = {
     "net": "network namespace (without it the program can open network connections)",
     "pid": "pid namespace (without it the program sees every process and its orphans outlive it until swept)",
-    "ipc": "ipc/uts namespaces (without them the program shares System V IPC and the hostname)",
+    "ipc": "ipc namespace (without it System V IPC and POSIX message queues are the host's)",
     "mount": "private read-only root (without it the program sees the host file system and may write where "
              "file permissions allow, e.g. /tmp, with no disk quota)",
     "uid": "unprivileged uid (without it the program can signal every process of this user, incl. the caller)",
+    "unique_uid": "a uid claimed through a namespace of its own (without one, sandbox uids are drawn at random "
+                  "and two callers may, rarely, share one)",
     "pids_cgroup": "pids cgroup (without it only RLIMIT_NPROC bounds fork bombs)",
     "memory_cgroup": "memory cgroup (without it only the per-process RLIMIT_AS bounds memory)",
     "no_new_privs": "no_new_privs (without it setuid binaries could raise privileges)",
@@ -170,23 +178,6 @@ def _frame(obj) -> bytes:
 
 # ---------------------------------------------------------------- caller side
 
-class _Slots:
-    """Uid slots of this process, so concurrent sandboxes never share a uid."""
-
-    def __init__(self):
-        self.cond, self.free = threading.Condition(), list(range(SLOTS))
-
-    def take(self) -> int:
-        with self.cond:
-            self.cond.wait_for(lambda: self.free)
-            return self.free.pop()
-
-    def give(self, slot: int) -> None:
-        with self.cond:
-            self.free.append(slot)
-            self.cond.notify()
-
-
 class _ForkServer:
     """A root interpreter (started with -I -S, so nothing from the caller's environment or cwd leaks in)
     that forks one warden per request; it exits when the caller's end of its socket closes."""
@@ -213,7 +204,6 @@ class _ForkServer:
 
 _server: _ForkServer | None = None
 _server_lock = threading.Lock()
-_slots = _Slots()
 _warned: set[tuple[str, ...]] = set()
 
 
@@ -258,10 +248,10 @@ class Sandbox:
             raise ValueError(f"cannot skip {sorted(bad)}; skippable: {', '.join(SKIPPABLE)}")
         self.limits = limits or Limits()
         self.aborted: Aborted | None = None
+        self.uid: int | None = None
+        self._open, self._dir = True, None
         self._buf, self._out, self._out_len, self._fds = bytearray(), bytearray(), 0, []
-        self._slot, self._dir = _slots.take(), None
         self._ctl = self._status = self._req = self._rep = self._outr = None  # our ends of the five pipes
-        self.uid = UID_BASE + (os.getpid() % (1 << 22)) * SLOTS + self._slot
         try:
             # The mount point of the private root; without a mount namespace, `work` inside it is the working
             # directory. The directory itself stays ours, so the program cannot rename or replace it.
@@ -269,14 +259,13 @@ class Sandbox:
             os.mkdir(os.path.join(self._dir, "work"), 0o700)
             if os.geteuid() == 0:
                 os.chmod(self._dir, 0o711)
-                os.chown(os.path.join(self._dir, "work"), self.uid, self.uid)
             ctl_r, self._ctl = self._pipe()
             self._status, status_w = self._pipe()
             req_r, self._req = self._pipe()
             self._rep, rep_w = self._pipe()
             self._outr, out_w = self._pipe()
             lim = self.limits
-            config = {"uid": self.uid, "dir": self._dir, "skip": sorted(skip), "paths": _runtime_paths(),
+            config = {"dir": self._dir, "skip": sorted(skip), "paths": _runtime_paths(),
                       "memory": lim.memory, "processes": lim.processes, "cpu": lim.cpu,
                       "file_size": lim.file_size, "disk": lim.disk, "open_files": lim.open_files}
             try:
@@ -287,9 +276,10 @@ class Sandbox:
                 self._fds.remove(fd)
                 os.close(fd)
             try:
-                kind, active = self._receive(start_timeout)
+                _, active, uid = self._receive(start_timeout)
             except Aborted as e:
                 raise SandboxError(f"sandbox did not start: {e}\n{self.output}".strip()) from None
+            self.uid = int(uid)
             self.protections = tuple(active)
             self.missing = tuple(p for p in PROTECTIONS if p not in active)
             if self.missing and self.missing not in _warned:
@@ -409,8 +399,9 @@ class Sandbox:
 
     def close(self) -> None:
         """Kill the program's whole process tree and wait until the warden reports it gone."""
-        if self._slot is None:
+        if not self._open:
             return
+        self._open = False
         for fd in (self._ctl, self._req):
             if fd in self._fds:
                 self._fds.remove(fd)
@@ -426,8 +417,6 @@ class Sandbox:
         self._fds = []
         if self._dir is not None:  # the warden removes it; not if the sandbox never started
             shutil.rmtree(self._dir, ignore_errors=True)
-        _slots.give(self._slot)
-        self._slot = None
 
     def _drain(self, fd: int, timeout: float, keep: bool) -> bool:
         """Read `fd` to EOF (True) unless `timeout` passes first."""
@@ -472,12 +461,14 @@ def protections(skip=()) -> dict[str, bool]:
 def _serve_forks(sock_fd: int) -> None:
     for name in _PRELOAD:
         __import__(name)
+    serial = secrets.randbelow(4094)
     sock = socket.socket(fileno=sock_fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # wardens are reaped by the kernel
     while True:
         msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 8)
         if not msg:
             os._exit(0)  # the caller is gone
+        serial += 1
         try:
             pid = os.fork()
         except OSError:
@@ -486,7 +477,7 @@ def _serve_forks(sock_fd: int) -> None:
             try:
                 sock.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                _warden(json.loads(msg), *fds)
+                _warden(json.loads(msg), serial, *fds)
             except BaseException:  # a bug of ours: say so on the caller's stderr
                 import traceback
                 traceback.print_exc()
@@ -508,17 +499,16 @@ def _sys(name: str, *args) -> None:
         raise OSError(e, f"{name}: {os.strerror(e)}")
 
 
-def _warden(cfg: dict, ctl: int, status: int, req: int, rep: int, out: int) -> None:
+def _warden(cfg: dict, serial: int, ctl: int, status: int, req: int, rep: int, out: int) -> None:
     os.setsid()
-    uid, skip, active = cfg["uid"], set(cfg["skip"]), []
+    skip, active = set(cfg["skip"]), []
     root = os.geteuid() == 0
-    cgroups = _make_cgroups(cfg, skip, active) if root else []
     try:
         _sys("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come back to us, to be reaped
     except OSError:
         pass
     # The mount namespace is the program's own (see _program): we keep the host's view, to clean up.
-    for key, flag in (("net", CLONE_NEWNET), ("pid", CLONE_NEWPID), ("ipc", CLONE_NEWIPC | CLONE_NEWUTS)):
+    for key, flag in (("net", CLONE_NEWNET), ("pid", CLONE_NEWPID), ("ipc", CLONE_NEWIPC)):
         if key in skip:
             continue
         try:
@@ -526,6 +516,10 @@ def _warden(cfg: dict, ctl: int, status: int, req: int, rep: int, out: int) -> N
             active.append(key)
         except OSError:
             pass
+    cfg["uid"] = uid = _claim_uid(serial, active)
+    if root:
+        os.chown(os.path.join(cfg["dir"], "work"), uid, uid)
+    cgroups = _make_cgroups(cfg, skip, active) if root else []
     pid = os.fork()
     if pid == 0:
         try:
@@ -565,6 +559,21 @@ def _warden(cfg: dict, ctl: int, status: int, req: int, rep: int, out: int) -> N
         _remove_cgroup(path)
     shutil.rmtree(cfg["dir"], ignore_errors=True)  # fd-based: symlinks the program left are not followed
     os.close(status)
+
+
+def _claim_uid(serial: int, active: list) -> int:
+    """This sandbox's uid, unique on the machine for as long as the warden lives (see UID_BASE). The
+    warden stays in the UTS namespace it makes here until it has swept the uid's processes and cgroups, so
+    no other sandbox can be given the same claim meanwhile; the serial varies the uid from run to run."""
+    try:
+        _sys("unshare", CLONE_NEWUTS)
+        claim = os.stat("/proc/self/ns/uts").st_ino - _FIRST_NS_INODE
+        if 0 <= claim < 1 << 16:
+            active.append("unique_uid")
+            return UID_BASE + (serial % 4094 << 16) + claim
+    except OSError:
+        pass
+    return UID_BASE + secrets.randbelow(4094 << 16)
 
 
 def _sweep(uid, cgroups: list[str]) -> None:
@@ -706,7 +715,7 @@ def _program(cfg: dict, active: list, cgroups: list[str], req: int, rep: int, ou
     for low, high in zip(keep, keep[1:] + [1 << 20]):
         os.closerange(low + 1, high)
     sys.path += [p for p in cfg["paths"] if p not in sys.path]
-    _write_all(rep, _frame(["ready", active]))
+    _write_all(rep, _frame(["ready", active, str(uid)]))
     _serve_calls(req, rep)
 
 

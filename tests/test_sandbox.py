@@ -2,6 +2,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,9 +17,21 @@ from rewards.sandbox import (PROTECTIONS, SKIPPABLE, Aborted, Limits, ProgramErr
                              encode)
 
 
-def our_uids() -> range:
-    base = sandbox.UID_BASE + (os.getpid() % (1 << 22)) * sandbox.SLOTS
-    return range(base, base + sandbox.SLOTS)
+def record_uids(monkeypatch) -> set[int]:
+    """The uids of the sandboxes started from here on (in this process), to look for what they left behind.
+    Uids are claimed per sandbox from the kernel, so nothing else tells a test's own sandboxes apart."""
+    started: set[int] = set()
+    start = Sandbox.__init__
+
+    def init(self, *args, **kwargs):
+        try:
+            start(self, *args, **kwargs)
+        finally:
+            if getattr(self, "uid", None) is not None:
+                started.add(self.uid)
+
+    monkeypatch.setattr(Sandbox, "__init__", init)
+    return started
 
 
 def _uid_of(pid: str):
@@ -29,7 +42,7 @@ def _uid_of(pid: str):
         return None
 
 
-def traces(uids: range) -> list[str]:
+def traces(uids) -> list[str]:
     """Processes, cgroups and temporary directories of sandboxes that ran as `uids`."""
     found = [f"process {d}" for d in os.listdir("/proc") if d.isdigit() and _uid_of(d) in uids]
     found += [p for p in glob.glob("/sys/fs/cgroup/**/sandbox-*", recursive=True) if int(p.rsplit("-", 1)[1]) in uids]
@@ -43,9 +56,10 @@ def traces(uids: range) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def nothing_left_behind():
+def nothing_left_behind(monkeypatch):
+    started = record_uids(monkeypatch)
     yield
-    assert traces(our_uids()) == []
+    assert traces(started) == []
 
 
 def roundtrip(value):
@@ -249,7 +263,7 @@ def test_protections_that_this_machine_offers_are_active_and_effective():
     if os.geteuid() == 0:
         expected |= {"uid", "no_new_privs"}
         if unshare_works():
-            expected |= {"net", "pid", "ipc", "mount"}
+            expected |= {"net", "pid", "ipc", "mount", "unique_uid"}
         for controller in ("pids", "memory"):
             if os.access(f"/sys/fs/cgroup/{controller}/cgroup.procs", os.W_OK):  # cgroup v1, as here
                 expected.add(f"{controller}_cgroup")
@@ -355,7 +369,7 @@ def writes():
 
 
 def test_missing_protections_are_named_in_one_warning():
-    with pytest.warns(RuntimeWarning, match="network namespace.*ipc/uts namespaces") as record:
+    with pytest.warns(RuntimeWarning, match="network namespace.*ipc namespace") as record:
         with Sandbox(skip=("net", "ipc")) as box:
             assert {"net", "ipc"} <= set(box.missing)
     assert len(record) == 1
@@ -409,13 +423,13 @@ def test_without_namespaces_or_cgroups_the_uid_still_contains_the_program():
             warnings.simplefilter("ignore", RuntimeWarning)
             box = Sandbox(Limits(processes=16), skip=SKIPPABLE)
         with box:
-            assert set(box.protections) == {"uid", "no_new_privs"}
+            assert set(box.protections) == {"uid", "unique_uid", "no_new_privs"} - set(box.missing)
             box.load(DEGRADED, timeout=5)
             assert box.call("kill_everything") == "still here"
             workdir = box.call("daemon")
             assert os.path.isdir(workdir) and workdir.startswith(os.path.realpath(sandbox.tempfile.gettempdir()))
             assert box.call("forks") < 16  # RLIMIT_NPROC applies to the unprivileged uid
-            assert len([t for t in traces(range(box.uid, box.uid + 1)) if t.startswith("process")]) >= 2
+            assert len([t for t in traces({box.uid}) if t.startswith("process")]) >= 2
         assert bystander.poll() is None
         assert not os.path.exists(workdir)
     finally:
@@ -433,14 +447,14 @@ print(box.uid, flush=True)
 sys.stdin.read()
 """], cwd=os.path.dirname(os.path.dirname(sandbox.__file__)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     uid = int(caller.stdout.readline())
-    left = traces(range(uid, uid + 1))
+    left = traces({uid})
     assert len([t for t in left if t.startswith("process")]) == 2 and len(left) >= 3  # and its directory
     caller.kill()
     caller.wait()
     deadline = time.monotonic() + 10
-    while traces(range(uid, uid + 1)) and time.monotonic() < deadline:
+    while traces({uid}) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert traces(range(uid, uid + 1)) == []
+    assert traces({uid}) == []
 
 
 def test_sandboxes_cannot_touch_each_other():
@@ -484,3 +498,55 @@ def test_the_fork_server_is_started_clean():
     Sandbox().close()
     cmdline = open(f"/proc/{sandbox._server.proc.pid}/cmdline").read().split("\0")
     assert cmdline[:3] == [sys.executable, "-I", "-S"]
+
+
+# ---------------------------------------------------------------- uids
+
+def test_consecutive_sandboxes_get_different_uids():
+    uids = []
+    for _ in range(5):
+        with Sandbox() as box:
+            uids.append(box.uid)
+    assert len(set(uids)) == 5 and all(u >= sandbox.UID_BASE for u in uids)
+
+
+CALLER = """
+import sys, warnings
+warnings.simplefilter("ignore")
+from rewards.sandbox import Sandbox
+box = Sandbox(skip=("pid",))
+box.load(%r, 5)
+print(box.uid, flush=True)
+for line in sys.stdin:
+    print(box.call(line.strip()), flush=True)
+"""
+
+
+def test_callers_in_nested_pid_namespaces_get_different_uids_and_cannot_touch_each_other():
+    """Both callers are pid 1 of their own pid namespace, the inner one nested in the outer one: uids
+    derived from the caller's pid would be equal, and the outer sandbox's kill(-1) would reach the inner."""
+    if os.geteuid() != 0 or not unshare_works() or not shutil.which("nsenter"):
+        pytest.skip("needs root, unshare and nsenter")
+    project = os.path.dirname(os.path.dirname(sandbox.__file__))
+    script = CALLER % (DEGRADED + PROGRAM)
+    fresh_pid_namespace = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script]
+    outer = subprocess.Popen(fresh_pid_namespace, cwd=project, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    inner = None
+    try:
+        outer_uid = int(outer.stdout.readline())
+        init = open(f"/proc/{outer.pid}/task/{outer.pid}/children").read().split()[0]  # pid 1 of the outer one
+        inner = subprocess.Popen(["nsenter", "--target", init, "--pid", "--mount", f"--wd={project}", "--"] + fresh_pid_namespace,
+                                 cwd=project, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        inner_uid = int(inner.stdout.readline())
+        assert inner_uid != outer_uid
+        outer.stdin.write("kill_everything\n")
+        outer.stdin.flush()
+        assert outer.stdout.readline() == "still here\n"
+        inner.stdin.write("count\n")
+        inner.stdin.flush()
+        assert inner.stdout.readline() == "0\n"  # alive, its state intact
+    finally:
+        for proc in (inner, outer):
+            if proc is not None:
+                proc.stdin.close()
+                proc.wait(30)
