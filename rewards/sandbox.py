@@ -9,8 +9,10 @@ One sandbox is three processes, all started from a fork server so each costs a f
 
     caller (trusted) --ctl/status--> warden (root, ours) --fork--> program: pid 1 of fresh pid/net/mount/ipc/uts
           |  <------ requests / replies / stdout+stderr -------->  namespaces, chrooted into a tmpfs that holds
-                                                                   only the interpreter (read-only), its own
-                                                                   uid, rlimits, pids + memory cgroup
+                                                                   only the standard library and the allowed
+                                                                   packages (read-only) and their shared
+                                                                   libraries, its own uid, rlimits, pids +
+                                                                   memory cgroup
 
 The warden never runs program code. When the caller closes the sandbox (or dies) it kills the program; as
 pid 1 of its namespace, the program's death takes every process it started with it. Without a pid
@@ -22,14 +24,17 @@ from __future__ import annotations
 import atexit
 import builtins
 import ctypes
+import errno
 import json
 import os
+import re
 import resource
 import secrets
 import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -53,12 +58,12 @@ PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER, MNT_DETACH = 38, 36, 2
 UID_BASE = 0x70000000
 _FIRST_NS_INODE = 0xF0000000  # the kernel numbers namespaces from here (PROC_DYNAMIC_FIRST)
 
-
 PROTECTIONS = {
     "net": "network namespace (without it the program can open network connections)",
     "pid": "pid namespace (without it the program sees every process and its orphans outlive it until swept)",
     "ipc": "ipc namespace (without it System V IPC and POSIX message queues are the host's)",
-    "mount": "private read-only root (without it the program sees the host file system and may write where "
+    "mount": "private read-only root holding only the standard library and the allowed packages (without it "
+             "the program reads the host file system, answer keys and datasets included, and may write where "
              "file permissions allow, e.g. /tmp, with no disk quota)",
     "uid": "unprivileged uid (without it the program can signal every process of this user, incl. the caller)",
     "unique_uid": "a uid claimed through a namespace of its own (without one, sandbox uids are drawn at random "
@@ -72,6 +77,8 @@ _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THRE
         "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Imported once by the fork server so every program starts with them loaded (HumanEval prompts import typing).
 _PRELOAD = ("typing", "math", "re", "collections", "itertools", "functools", "heapq", "bisect", "string", "hashlib")
+_CONFIG_LIMITS = {"memory": int, "processes": int, "cpu": int, "file_size": int, "disk": int, "inodes": int,
+                  "open_files": int}
 
 
 class SandboxError(Exception):
@@ -180,13 +187,19 @@ def _frame(obj) -> bytes:
 
 class _ForkServer:
     """A root interpreter (started with -I -S, so nothing from the caller's environment or cwd leaks in)
-    that forks one warden per request; it exits when the caller's end of its socket closes."""
+    that forks one warden per request; it exits when the caller's end of its socket closes. Its arguments
+    fix, for its lifetime, the only directory whose sandbox folders it will act on and the site
+    directories in which it looks up the packages a request may name."""
 
     def __init__(self):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.root = os.path.realpath(tempfile.gettempdir())
+        paths = sysconfig.get_paths()
+        sites = sorted({paths["purelib"], paths["platlib"]})
         self.proc = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__), "--fork-server",
-                                      str(theirs.fileno())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                     env=_ENV, cwd="/", start_new_session=True)
+                                      str(theirs.fileno()), self.root, json.dumps(sites)],
+                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_ENV, cwd="/",
+                                     start_new_session=True)
         theirs.close()
         self.sock, self.pid, self.lock = ours, os.getpid(), threading.Lock()
 
@@ -225,6 +238,7 @@ class Limits:
     cpu: int = 10                # CPU seconds per process; a backstop, the caller's wall clock comes first
     file_size: int = 16 << 20    # bytes: RLIMIT_FSIZE
     disk: int = 64 << 20         # bytes: size of the private tmpfs that holds the working directory
+    inodes: int = 4096           # files and directories that tmpfs may hold
     open_files: int = 64         # RLIMIT_NOFILE
     output: int = 64 << 10       # bytes of stdout+stderr kept; the rest is read and dropped
     reply: int = 16 << 20        # bytes: the largest reply accepted from the program
@@ -237,12 +251,15 @@ class Sandbox:
         box.load("def add(a, b):\\n    return a + b\\n", timeout=3)
         box.call("add", (1, 2), timeout=3)   # -> 3
 
+    `packages` names the installed third-party packages (top-level import names, e.g. "numpy") the program
+    may import besides the standard library; nothing else of site-packages is visible to it.
+
     `call` returns the decoded value or raises: the program's own exception (builtin types are rebuilt,
     others become ProgramError), `TimedOut`, or `Aborted` when the program died or broke the protocol
     (after which every call raises the same). `output` is the captured stdout+stderr (capped).
     """
 
-    def __init__(self, limits: Limits | None = None, skip=(), start_timeout: float = 30.0):
+    def __init__(self, limits: Limits | None = None, skip=(), packages=(), start_timeout: float = 30.0):
         bad = set(skip) - set(SKIPPABLE)
         if bad:
             raise ValueError(f"cannot skip {sorted(bad)}; skippable: {', '.join(SKIPPABLE)}")
@@ -255,7 +272,7 @@ class Sandbox:
         try:
             # The mount point of the private root; without a mount namespace, `work` inside it is the working
             # directory. The directory itself stays ours, so the program cannot rename or replace it.
-            self._dir = tempfile.mkdtemp(prefix="sandbox-")
+            self._dir = tempfile.mkdtemp(prefix="sandbox-", dir=_fork_server().root)
             os.mkdir(os.path.join(self._dir, "work"), 0o700)
             if os.geteuid() == 0:
                 os.chmod(self._dir, 0o711)
@@ -264,10 +281,8 @@ class Sandbox:
             req_r, self._req = self._pipe()
             self._rep, rep_w = self._pipe()
             self._outr, out_w = self._pipe()
-            lim = self.limits
-            config = {"dir": self._dir, "skip": sorted(skip), "paths": _runtime_paths(),
-                      "memory": lim.memory, "processes": lim.processes, "cpu": lim.cpu,
-                      "file_size": lim.file_size, "disk": lim.disk, "open_files": lim.open_files}
+            config = {"dir": self._dir, "skip": sorted(skip), "packages": sorted(packages),
+                      **{k: getattr(self.limits, k) for k in _CONFIG_LIMITS}}
             try:
                 _fork_server().start(config, [ctl_r, status_w, req_r, rep_w, out_w])
             except OSError:  # the fork server died (e.g. killed): start a fresh one, once
@@ -276,9 +291,10 @@ class Sandbox:
                 self._fds.remove(fd)
                 os.close(fd)
             try:
-                _, active, uid = self._receive(start_timeout)
+                ready = self._receive(start_timeout)
             except Aborted as e:
                 raise SandboxError(f"sandbox did not start: {e}\n{self.output}".strip()) from None
+            _, active, uid = ready
             self.uid = int(uid)
             self.protections = tuple(active)
             self.missing = tuple(p for p in PROTECTIONS if p not in active)
@@ -377,7 +393,10 @@ class Sandbox:
         """Why the program ended, from the warden (which the program cannot reach)."""
         if not _wait(self._status, select.POLLIN, 2):
             return "the program closed its reply pipe"
-        report = os.read(self._status, 200).decode().split()  # "signal 9 2.013 0", from our warden
+        report = os.read(self._status, 500).decode(errors="replace")
+        if report.startswith("refused: "):  # the fork server's own check of our request
+            return report.strip()
+        report = report.split()  # "signal 9 2.013 0", from our warden
         if len(report) != 4:
             return "the program ended; its warden gave no report"
         how, code, cpu, oom = report
@@ -443,13 +462,6 @@ def _wait(fd: int, event: int, timeout: float) -> bool:
     return timeout > 0 and bool(poller.poll(timeout * 1000))
 
 
-def _runtime_paths() -> list[str]:
-    """What the program may import from: the standard library and site-packages (never the caller's
-    project or working directory)."""
-    paths = sysconfig.get_paths()
-    return sorted({paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if os.path.isdir(paths[k])})
-
-
 def protections(skip=()) -> dict[str, bool]:
     """Which protections a sandbox gets on this machine (starts one)."""
     with Sandbox(skip=skip) as box:
@@ -458,9 +470,10 @@ def protections(skip=()) -> dict[str, bool]:
 
 # ---------------------------------------------------------------- sandbox side (fork server, warden, program)
 
-def _serve_forks(sock_fd: int) -> None:
+def _serve_forks(sock_fd: int, root: str, sites: list[str]) -> None:
     for name in _PRELOAD:
         __import__(name)
+    roots: dict[tuple, tuple] = {}  # (plan of the private root, sys.path additions) per set of packages
     serial = secrets.randbelow(4094)
     sock = socket.socket(fileno=sock_fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # wardens are reaped by the kernel
@@ -468,6 +481,22 @@ def _serve_forks(sock_fd: int) -> None:
         msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 8)
         if not msg:
             os._exit(0)  # the caller is gone
+        try:
+            if len(fds) != 5:
+                raise ValueError(f"{len(fds)} descriptors instead of 5")
+            cfg = _checked_config(json.loads(msg), root)
+            packages = tuple(cfg["packages"])
+            if packages not in roots:
+                roots[packages] = _root_plan(packages, sites)
+        except (ValueError, OSError) as e:  # a bug or a forged request: act on nothing, say why
+            if len(fds) > 1:
+                try:
+                    os.write(fds[1], f"refused: {e}"[:400].encode() + b"\n")
+                except OSError:
+                    pass
+            for fd in fds:
+                os.close(fd)
+            continue
         serial += 1
         try:
             pid = os.fork()
@@ -477,7 +506,7 @@ def _serve_forks(sock_fd: int) -> None:
             try:
                 sock.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                _warden(json.loads(msg), serial, *fds)
+                _warden(cfg, serial, roots[packages], *fds)
             except BaseException:  # a bug of ours: say so on the caller's stderr
                 import traceback
                 traceback.print_exc()
@@ -485,6 +514,30 @@ def _serve_forks(sock_fd: int) -> None:
                 os._exit(0)
         for fd in fds:
             os.close(fd)
+
+
+def _checked_config(cfg, root: str) -> dict:
+    """The fork server acts as root on a request's `dir` (mounts on it, chowns it, removes it): accept only
+    a fresh sandbox directory that the caller made directly under the sandbox root, and sane limits."""
+    if type(cfg) is not dict or set(cfg) != {"dir", "skip", "packages", *_CONFIG_LIMITS}:
+        raise ValueError("config fields differ from dir, skip, packages and the limits")
+    for key, kind in _CONFIG_LIMITS.items():
+        if type(cfg[key]) not in (kind, int) or type(cfg[key]) is bool or not 0 < cfg[key] < 1 << 50:
+            raise ValueError(f"config field {key!r} is not a positive {kind.__name__}")
+    if type(cfg["skip"]) is not list or not set(cfg["skip"]) <= set(SKIPPABLE):
+        raise ValueError(f"config field 'skip' is not a list of {', '.join(SKIPPABLE)}")
+    if type(cfg["packages"]) is not list or not all(type(p) is str and p.isidentifier() for p in cfg["packages"]):
+        raise ValueError("config field 'packages' is not a list of package names")
+    d = cfg["dir"]
+    if (type(d) is not str or os.path.normpath(d) != d or os.path.dirname(d) != root
+            or not os.path.basename(d).startswith("sandbox-")):
+        raise ValueError(f"config field 'dir' is not a sandbox directory under {root}: {str(d)[:200]!r}")
+    st, work = os.lstat(d), os.path.join(d, "work")
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or os.listdir(d) != ["work"]:
+        raise ValueError(f"config field 'dir': {d} is not a directory of ours holding only 'work'")
+    if not stat.S_ISDIR(os.lstat(work).st_mode) or os.listdir(work):
+        raise ValueError(f"config field 'dir': {work} is not an empty directory")
+    return cfg
 
 
 _libc = None
@@ -499,7 +552,7 @@ def _sys(name: str, *args) -> None:
         raise OSError(e, f"{name}: {os.strerror(e)}")
 
 
-def _warden(cfg: dict, serial: int, ctl: int, status: int, req: int, rep: int, out: int) -> None:
+def _warden(cfg: dict, serial: int, private_root: tuple, ctl: int, status: int, req: int, rep: int, out: int) -> None:
     os.setsid()
     skip, active = set(cfg["skip"]), []
     root = os.geteuid() == 0
@@ -525,7 +578,7 @@ def _warden(cfg: dict, serial: int, ctl: int, status: int, req: int, rep: int, o
         try:
             os.close(ctl)
             os.close(status)
-            _program(cfg, active, cgroups, req, rep, out)
+            _program(cfg, active, cgroups, private_root, req, rep, out)
         except BaseException:  # before "ready": a sandbox failure; the caller shows this with its error
             import traceback
             traceback.print_exc()
@@ -619,14 +672,18 @@ def _read(path: str) -> str:
         return ""
 
 
+def _cgroup_limits(cfg: dict) -> tuple:
+    """(protection, controller, [(file, value)]): the files of cgroup v1 and v2 that exist are written."""
+    return (("pids_cgroup", "pids", [("pids.max", cfg["processes"])]),
+            ("memory_cgroup", "memory", [("memory.limit_in_bytes", cfg["memory"]), ("memory.max", cfg["memory"])]))
+
+
 def _make_cgroups(cfg: dict, skip: set, active: list) -> list[str]:
     """A pids and a memory cgroup for this sandbox under ours: cgroup v1 controllers, else v2."""
     made = []
     mounts = [line.split() for line in _read("/proc/self/mountinfo").splitlines()]
     own = [line.split(":", 2) for line in _read("/proc/self/cgroup").splitlines()]
-    for key, controller, limit_files, limit in (("pids_cgroup", "pids", ("pids.max",), cfg["processes"]),
-                                                ("memory_cgroup", "memory", ("memory.limit_in_bytes", "memory.max"),
-                                                 cfg["memory"])):
+    for key, controller, limits in _cgroup_limits(cfg):
         if key in skip:
             continue
         for m in mounts:
@@ -651,11 +708,15 @@ def _make_cgroups(cfg: dict, skip: set, active: list) -> list[str]:
                     os.rmdir(path)  # left empty by a caller that died
                 os.mkdir(path)
                 made.append(path)
-                name = next(n for n in limit_files if os.path.exists(os.path.join(path, n)))
-                with open(os.path.join(path, name), "w") as f:
-                    f.write(str(limit))
-                active.append(key)
-            except (OSError, StopIteration):
+                written = 0
+                for name, value in limits:
+                    if os.path.exists(os.path.join(path, name)):
+                        with open(os.path.join(path, name), "w") as f:
+                            f.write(str(value))
+                        written += 1
+                if written:
+                    active.append(key)
+            except OSError:
                 pass
             break
     return made
@@ -672,21 +733,22 @@ def _remove_cgroup(path: str) -> None:
             time.sleep(0.005)
 
 
-def _program(cfg: dict, active: list, cgroups: list[str], req: int, rep: int, out: int) -> None:
+def _program(cfg: dict, active: list, cgroups: list[str], private_root: tuple, req: int, rep: int, out: int) -> None:
     """Pid 1 of the new namespaces: finish the cage as root, drop to the sandbox uid, serve requests."""
     os.setsid()
     for path in cgroups:
         with open(os.path.join(path, "cgroup.procs"), "w") as f:
             f.write("0")
     uid = cfg["uid"]
+    plan, import_paths = private_root
     os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
     os.dup2(out, 1)
     os.dup2(out, 2)
     workdir = os.path.join(cfg["dir"], "work")
-    if "mount" not in cfg["skip"]:
+    if "mount" not in cfg["skip"] and os.geteuid() == 0:
         try:
             _sys("unshare", CLONE_NEWNS)
-            _private_root(cfg, "pid" in active)
+            _private_root(cfg, plan, "pid" in active)
             workdir = "/sandbox"
             active.append("mount")
         except OSError:  # e.g. mounting refused by a container's policy: the host's view, file permissions only
@@ -714,32 +776,126 @@ def _program(cfg: dict, active: list, cgroups: list[str], req: int, rep: int, ou
     keep = sorted({0, 1, 2, req, rep})  # only stdio and the two protocol pipes survive
     for low, high in zip(keep, keep[1:] + [1 << 20]):
         os.closerange(low + 1, high)
-    sys.path += [p for p in cfg["paths"] if p not in sys.path]
+    sys.path += [p for p in import_paths if p not in sys.path]
     _write_all(rep, _frame(["ready", active, str(uid)]))
     _serve_calls(req, rep)
 
 
-def _private_root(cfg: dict, pid_ns: bool) -> None:
-    """Chroot into a size-limited tmpfs holding the interpreter's files read-only and an empty /sandbox."""
+# ---------------------------------------------------------------- the private root
+
+def _root_plan(packages: tuple, sites: list[str]) -> tuple[list, list[str]]:
+    """What the program's root holds, as (path, kind, link target) in mounting order, and the directories
+    to add to its sys.path. Only what a program can need: the standard library (its site-packages and
+    dist-packages masked by an empty tmpfs), the named packages from `sites`, the shared libraries their
+    extension modules load (found by ldd), the loader's cache and four devices. Each is bound at its own
+    path, with the symbolic links met on the way to it recreated, so paths that work outside work inside.
+    Never the caller's project, data sets, caches, the rest of site-packages or the problems' files."""
+    stdlib = [p for p in sys.path if os.path.exists(p)]  # the fork server runs -I -S: exactly the stdlib
+    masks = [os.path.join(p, name) for p in stdlib for name in ("site-packages", "dist-packages")
+             if os.path.isdir(os.path.join(p, name))]
+    binds, import_paths = list(stdlib), []
+    for name in packages:
+        for site in sites:
+            found = [os.path.join(site, f) for f in _listdir(site)
+                     if f in (name, name + ".libs", name + ".py") or (f.startswith(name + ".") and f.endswith(".so"))]
+            if found:
+                binds += found
+                import_paths.append(site)
+                break
+    binds += sorted(_shared_libraries(_shared_objects(binds, masks))) + ["/etc/ld.so.cache"]
+    items: dict[str, tuple[str, str]] = {}
+    links: dict[str, str] = {}
+    for path in binds:
+        if os.path.exists(path):
+            items[_resolve(path, links)] = ("bind", "")
+    for path in masks:
+        items[os.path.realpath(path)] = ("mask", "")
+    for dev in ("null", "zero", "random", "urandom"):
+        items["/dev/" + dev] = ("device", "")
+    for path, target in links.items():
+        items.setdefault(path, ("link", target))
+    plan = []
+    for path in sorted(items):  # parents before children
+        kind, target = items[path]
+        parent = max((p for p in items if path.startswith(p + "/")), key=len, default=None)
+        if kind == "mask" or parent is None or items[parent][0] != "bind":  # in a bound directory: there already
+            plan.append((path, kind, target))
+    return plan, import_paths
+
+
+def _shared_objects(tops: list[str], masks: list[str]) -> list[str]:
+    found = [top for top in tops if os.path.isfile(top) and ".so" in os.path.basename(top)]
+    for top in tops:
+        for d, subdirs, files in os.walk(top):
+            subdirs[:] = [s for s in subdirs if os.path.join(d, s) not in masks]
+            found += [os.path.join(d, f) for f in files if f.endswith(".so") or ".so." in f]
+    return found
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _shared_libraries(files: list[str]) -> set[str]:
+    """The shared libraries that `files` load, as ldd resolves them (RPATH, $ORIGIN and the cache included)."""
+    if not files:
+        return set()
+    try:
+        out = subprocess.run(["ldd", *files], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):  # no ldd: only what the interpreter has loaded already
+        return set()
+    return set(re.findall(r"(/\S+) \(0x", out))
+
+
+def _resolve(path: str, links: dict[str, str]) -> str:
+    """The real path of `path`; each symbolic link met on the way goes into `links` (its path -> target)."""
+    parts, real, hops = [p for p in path.split("/") if p], "/", 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            real = os.path.dirname(real)
+        elif part != ".":
+            nxt = os.path.join(real, part)
+            if os.path.islink(nxt):
+                hops += 1
+                if hops > 40:
+                    raise OSError(errno.ELOOP, f"too many symbolic links in {path}")
+                links[nxt] = target = os.readlink(nxt)
+                parts = [p for p in target.split("/") if p] + parts
+                real = "/" if target.startswith("/") else real
+            else:
+                real = nxt
+    return real
+
+
+def _private_root(cfg: dict, plan: list, pid_ns: bool) -> None:
+    """Chroot into a tmpfs that holds what `_root_plan` lists, read-only, and /sandbox: a tmpfs of its own,
+    the only writable place, with the disk and inode limits."""
     new = cfg["dir"]
     _sys("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)  # nothing we mount propagates to the host
-    _sys("mount", b"tmpfs", new.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['disk']},mode=755".encode())
+    _sys("mount", b"tmpfs", new.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=755")
     try:
-        binds = ["/usr", "/etc/ld.so.cache"] + cfg["paths"]
-        for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-            if os.path.islink(top):
-                os.symlink(os.readlink(top), new + top)  # merged-/usr systems: /lib -> usr/lib
-            elif os.path.isdir(top):
-                binds.append(top)
-        for path in sorted(set(binds)):
-            if os.path.exists(path) and not any(path.startswith(b + "/") for b in binds):
-                _bind(path, new + path, MS_NOSUID | MS_NODEV)
-        for dev in ("null", "zero", "random", "urandom"):
-            _bind("/dev/" + dev, f"{new}/dev/{dev}", MS_NOSUID | MS_NOEXEC)
-        os.mkdir(new + "/sandbox", 0o700)
-        os.chown(new + "/sandbox", cfg["uid"], cfg["uid"])
-        # The root is read-only except /sandbox: the same tmpfs (one quota), bound writable.
-        _bind(new + "/sandbox", new + "/sandbox", MS_NOSUID | MS_NODEV | MS_NOEXEC, read_only=False)
+        masks = []
+        for path, kind, target in plan:
+            dest = new + path
+            if kind == "link":
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                if not os.path.lexists(dest):
+                    os.symlink(target, dest)
+            elif kind == "mask":  # writable until the packages inside it are bound
+                _sys("mount", b"tmpfs", dest.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                     b"size=64k,nr_inodes=64,mode=755")
+                masks.append(dest)
+            else:
+                _bind(path, dest, MS_NOSUID | (MS_NOEXEC if kind == "device" else MS_NODEV))
+        for dest in masks:
+            _sys("mount", None, dest.encode(), None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+        os.mkdir(new + "/sandbox")
+        _sys("mount", b"tmpfs", (new + "/sandbox").encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+             f"size={cfg['disk']},nr_inodes={cfg['inodes']},mode=700,uid={cfg['uid']},gid={cfg['uid']}".encode())
         if pid_ns:  # a fresh /proc shows only the sandbox's processes; without a pid namespace, no /proc at all
             os.mkdir(new + "/proc")
             try:
@@ -754,7 +910,7 @@ def _private_root(cfg: dict, pid_ns: bool) -> None:
     os.chdir("/")
 
 
-def _bind(source: str, target: str, flags: int, read_only: bool = True) -> None:
+def _bind(source: str, target: str, flags: int) -> None:
     if not os.path.lexists(target):
         if os.path.isdir(source):
             os.makedirs(target)
@@ -762,8 +918,10 @@ def _bind(source: str, target: str, flags: int, read_only: bool = True) -> None:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             open(target, "w").close()
     _sys("mount", source.encode(), target.encode(), None, MS_BIND, None)
-    _sys("mount", None, target.encode(), None, MS_BIND | MS_REMOUNT | flags | (MS_RDONLY if read_only else 0), None)
+    _sys("mount", None, target.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY | flags, None)
 
+
+# ---------------------------------------------------------------- serving the caller
 
 def _read_exact(fd: int, n: int) -> bytes:
     data = b""
@@ -810,4 +968,4 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--fork-server"]:
-    _serve_forks(int(sys.argv[2]))
+    _serve_forks(int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]))

