@@ -28,6 +28,7 @@ import atexit
 import builtins
 import ctypes
 import errno
+import itertools
 import json
 import os
 import re
@@ -86,6 +87,7 @@ _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THRE
         "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Imported once by the fork server so every program starts with them loaded (HumanEval prompts import typing).
 _PRELOAD = ("typing", "math", "re", "collections", "itertools", "functools", "heapq", "bisect", "string", "hashlib")
+MAX_DEPTH = 100  # nesting of plain values; a reply's JSON nests at most 3 levels per value level
 _CONFIG_LIMITS = {"memory": int, "processes": int, "cpu": int, "cpus": float, "file_size": int, "disk": int,
                   "inodes": int, "open_files": int}
 
@@ -109,11 +111,19 @@ class ProgramError(Exception):
 
 # ---------------------------------------------------------------- plain data across the pipe
 
-def encode(value, depth: int = 0):
-    """Plain data -> JSON-able tags. Exact types only: subclasses (an int with a rigged __eq__) are refused."""
-    if depth > 100:
-        raise ValueError("value nested more than 100 deep")
+def encode(value, depth: int = 0, convert: bool = False):
+    """Plain data -> JSON-able tags. Exact types only: subclasses (an int with a rigged __eq__) are refused.
+
+    `convert` (the program's side, for its return values) first turns numpy scalars and arrays into Python
+    values and subclasses of plain types (Counter, OrderedDict, namedtuple, IntEnum, np.float64) into their
+    base type, read through the base type's own methods, so an honest answer crosses as what it holds; the
+    caller's exact check stays the gate."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"value nested more than {MAX_DEPTH} deep")
     t = type(value)
+    if convert and t not in _PLAIN:
+        value = _as_plain(value)
+        t = type(value)
     if value is None or t is bool or t is str:
         return value
     if t is int:
@@ -125,15 +135,33 @@ def encode(value, depth: int = 0):
     if t is bytes:
         return ["b", value.hex()]
     if t in (list, tuple, set, frozenset):
-        return [{list: "l", tuple: "t", set: "s", frozenset: "F"}[t], [encode(v, depth + 1) for v in value]]
+        return [{list: "l", tuple: "t", set: "s", frozenset: "F"}[t], [encode(v, depth + 1, convert) for v in value]]
     if t is dict:
-        return ["d", [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]]
+        return ["d", [[encode(k, depth + 1, convert), encode(v, depth + 1, convert)] for k, v in value.items()]]
     raise TypeError(f"{t.__name__} is not plain data (None, bool, int, float, complex, str, bytes, list, tuple, "
                     f"dict, set)")
 
 
-def decode(data):
+_PLAIN = {type(None), bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict}
+_BASES = ((int, int.__int__), (float, float.__float__), (complex, complex.__complex__), (str, str.__str__),
+          (bytes, bytes.__bytes__), (list, lambda v: list(list.__iter__(v))),
+          (tuple, lambda v: tuple(tuple.__iter__(v))), (dict, lambda v: dict(dict.items(v))),
+          (frozenset, lambda v: frozenset(frozenset.__iter__(v))), (set, lambda v: set(set.__iter__(v))))
+
+
+def _as_plain(value):
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()  # scalars -> int/float/bool/complex/str, arrays -> nested lists
+    for base, to_base in _BASES:
+        if isinstance(value, base):
+            return to_base(value)
+    return value
+
+
+def decode(data, depth: int = 0):
     """The inverse of `encode`, strict: anything else raises ValueError (the other side may be hostile)."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"value nested more than {MAX_DEPTH} deep")
     if data is None or type(data) is bool or type(data) is str:
         return data
     if type(data) is not list or not data or type(data[0]) is not str:
@@ -149,12 +177,13 @@ def decode(data):
         if tag == "b" and len(rest) == 1 and type(rest[0]) is str:
             return bytes.fromhex(rest[0])
         if tag in "ltsF" and len(tag) == 1 and len(rest) == 1 and type(rest[0]) is list:
-            items = [decode(v) for v in rest[0]]
+            items = [decode(v, depth + 1) for v in rest[0]]
             if tag in "sF":
                 _refuse_hash_flood(items)
             return {"l": list, "t": tuple, "s": set, "F": frozenset}[tag](items)
         if tag == "d" and len(rest) == 1 and type(rest[0]) is list:
-            pairs = [(decode(kv[0]), decode(kv[1])) for kv in rest[0] if type(kv) is list and len(kv) == 2]
+            pairs = [(decode(kv[0], depth + 1), decode(kv[1], depth + 1)) for kv in rest[0]
+                     if type(kv) is list and len(kv) == 2]
             if len(pairs) != len(rest[0]):
                 raise ValueError("malformed dict item")
             _refuse_hash_flood([k for k, _ in pairs])
@@ -175,6 +204,41 @@ def _refuse_hash_flood(keys) -> None:
             raise ValueError("more than 64 set elements or dict keys with equal hashes")
 
 
+_NOT_MARKS = bytes(b for b in range(256) if b not in b'"[]')
+_STEPS = bytes.maketrans(b"[]", b"\x01\xff")  # as signed bytes: +1, -1
+_JSON_DEPTH = 3 * (MAX_DEPTH + 1) + 2  # ["ok", value]; a dict nests its items 3 levels down
+
+
+def _refuse(value):
+    raise ValueError(f"a reply holds only lists, strings, true, false and null, not {str(value)[:40]!r}")
+
+
+# Numbers and objects are refused where they start (they are not counted below); lists and strings are C-fast.
+_DECODER = json.JSONDecoder(parse_int=_refuse, parse_float=_refuse, parse_constant=_refuse, object_pairs_hook=_refuse)
+
+
+def _parse_reply(data: bytes, items: int) -> list:
+    """A reply's JSON, refused before parsing when decoding it would cost more than its bytes suggest.
+
+    Lists and strings are the objects parsing builds (16 MiB of `[]` are 5 million lists). The program's side
+    writes every `"`, `\\`, `[` and `]` inside a string as a \\u escape (see `_frame`), so here each quote
+    delimits a string and each bracket is structure: counting them and measuring the nesting take a few
+    bytes methods, which run in C, on at most 2 * items brackets. A reply breaking that rule is refused."""
+    if b'\\"' in data or b"\\\\" in data:
+        raise ValueError("a quote or backslash escaped with a backslash")
+    marks = data.translate(None, _NOT_MARKS)
+    brackets = marks.replace(b'""', b"")  # each string's quotes are adjacent here unless it held a bracket
+    if b'"' in brackets:
+        raise ValueError("a bracket inside a string")
+    if (len(marks) - len(brackets)) // 2 + len(brackets) // 2 > items:
+        raise ValueError(f"more than {items} lists and strings")
+    # The parser nests no deeper than the largest running sum of +1 per `[` and -1 per `]` (exact up to an
+    # unbalanced `]`, where it stops): summed in C, at most 2 * items steps.
+    if max(itertools.accumulate(memoryview(brackets.translate(_STEPS)).cast("b")), default=0) > _JSON_DEPTH:
+        raise ValueError(f"nested more than {_JSON_DEPTH} lists deep")
+    return _DECODER.decode(data.decode())
+
+
 def _remote_exception(name: str, message: str) -> Exception:
     # Rebuild builtin exceptions by type so test code that expects, say, ValueError sees one; never
     # anything but a builtin class with a string message.
@@ -188,7 +252,11 @@ def _remote_exception(name: str, message: str) -> Exception:
 
 
 def _frame(obj) -> bytes:
-    data = json.dumps(obj, separators=(",", ":")).encode()
+    """Length-prefixed JSON in which `"`, `\\`, `[` and `]` occur only as syntax (see `_parse_reply`)."""
+    text = json.dumps(obj, separators=(",", ":")).replace("\\\\", "\\u005c").replace('\\"', "\\u0022")
+    parts = text.split('"')  # now every quote delimits a string: the odd parts are their contents
+    parts[1::2] = [p.replace("[", "\\u005b").replace("]", "\\u005d") for p in parts[1::2]]
+    data = '"'.join(parts).encode()
     return len(data).to_bytes(4, "big") + data
 
 
@@ -252,6 +320,7 @@ class Limits:
     open_files: int = 64         # RLIMIT_NOFILE
     output: int = 64 << 10       # bytes of stdout+stderr kept; the rest is read and dropped
     reply: int = 16 << 20        # bytes: the largest reply accepted from the program
+    reply_items: int = 1 << 18   # lists and strings in a reply's JSON (an int is one list and two strings)
 
 
 class Sandbox:
@@ -342,7 +411,7 @@ class Sandbox:
         except Aborted as e:
             self.aborted = e
             raise
-        except (ValueError, RecursionError) as e:
+        except ValueError as e:
             self.aborted = Aborted(f"malformed reply from the program: {e}")
             raise self.aborted from None
         raise _remote_exception(reply[1][:100], reply[2][:2000])
@@ -374,7 +443,7 @@ class Sandbox:
                 if len(self._buf) >= 4 + size:
                     data = bytes(self._buf[4:4 + size])
                     del self._buf[:4 + size]
-                    reply = json.loads(data)
+                    reply = _parse_reply(data, self.limits.reply_items)
                     if type(reply) is not list or not reply or type(reply[0]) is not str:
                         raise ValueError("reply is not a tagged list")
                     return reply
@@ -1060,14 +1129,15 @@ def _serve_calls(req: int, rep: int) -> None:
         request = json.loads(_read_exact(req, int.from_bytes(_read_exact(req, 4), "big")))
         try:
             if request[0] == "exec":
-                exec(compile(request[1], "<program>", "exec"), namespace)
+                # Its own flags, not this module's (__future__ annotations) nor -O's (asserts stay).
+                exec(compile(request[1], "<program>", "exec", dont_inherit=True, optimize=0), namespace)
                 reply = ["ok", None]
             else:
                 _, name, args, kwargs = request
                 if name not in namespace:
                     raise NameError(f"name {name!r} is not defined")
                 value = namespace[name](*[decode(a) for a in args], **{k: decode(v) for k, v in kwargs})
-                reply = ["ok", encode(value)]
+                reply = ["ok", encode(value, convert=True)]
         except BaseException as e:
             try:
                 message = str(e)

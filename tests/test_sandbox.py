@@ -510,7 +510,98 @@ def test_the_fork_server_is_started_clean():
     assert cmdline[:3] == [sys.executable, "-I", "-S"]
 
 
-# ---------------------------------------------------------------- the fork server
+# ---------------------------------------------------------------- plain data from the program's side
+
+def test_the_program_side_converts_subclasses_and_numpy_to_their_plain_values():
+    import collections
+    import enum
+
+    np = pytest.importorskip("numpy")
+    point = collections.namedtuple("Point", "x y")
+    color = enum.IntEnum("Color", "RED")
+    name = type("Name", (str,), {"__str__": lambda self: "label"})  # base-type methods read the data itself
+    cases = [(collections.Counter("aab"), {"a": 2, "b": 1}), (collections.OrderedDict(b=1, a=2), {"b": 1, "a": 2}),
+             (collections.defaultdict(list, a=[1]), {"a": [1]}), (point(1, 2), (1, 2)), (color.RED, 1),
+             (name("x"), "x"), (RiggedInt(5), 5), (np.float64(1.5), 1.5), (np.int64(-7), -7), (np.bool_(True), True),
+             (np.array([[1, 2], [3, 4]]), [[1, 2], [3, 4]]), (np.array([0.5]), [0.5]), (np.str_("s"), "s"),
+             ({np.int64(1): [np.float32(0.25)]}, {1: [0.25]}), (frozenset({np.int8(3)}), frozenset({3})),
+             (True, True), (1, 1), (b"\x00", b"\x00")]
+    for value, plain in cases:
+        back = roundtrip_converted(value)
+        assert back == plain and type(back) is type(plain), value
+        assert repr(back) == repr(plain)  # True stays True, 1 stays 1; nested types too
+    assert math.isnan(roundtrip_converted(np.float64("nan")))
+    with pytest.raises(TypeError, match="not plain data"):
+        encode(AlwaysEqual(), convert=True)
+
+
+def roundtrip_converted(value):
+    return decode(json.loads(json.dumps(encode(value, convert=True))))
+
+
+def test_replies_cross_as_plain_values_and_arguments_stay_exact():
+    with Sandbox(packages=("numpy",)) as box:
+        box.load("import collections\nimport numpy as np\ndef f(kind):\n    return {'np': np.float64(0.5), "
+                 "'counter': collections.Counter('aa'), 'array': np.arange(3)}[kind]\n", timeout=10)
+        assert box.call("f", ("np",), timeout=10) == 0.5
+        assert box.call("f", ("counter",)) == {"a": 2}
+        assert box.call("f", ("array",)) == [0, 1, 2]
+        with pytest.raises(TypeError, match="not plain data"):
+            box.call("f", (RiggedInt(1),))
+
+
+# ---------------------------------------------------------------- the trusted side's costs
+
+def test_replies_are_measured_before_they_are_parsed():
+    parse = sandbox._parse_reply
+    value = {"a": [1, 2.5, None, True], "[[[": "]]]" * 1000, 'q"\\u005c\\': "\x00\n\u2028", b"[]": (1 + 2j,)}
+    assert decode(parse(sandbox._frame(["ok", encode(value)])[4:], 100)[1]) == value
+    with pytest.raises(ValueError, match="more than 1000 lists and strings"):
+        parse(b"[" + b",".join([b"[]"] * 1000) + b"]", 1000)
+    with pytest.raises(ValueError, match="more than 1000 lists and strings"):
+        parse(b"[" + b",".join([b'""'] * 1001) + b"]", 1000)
+    with pytest.raises(ValueError, match="nested more than"):
+        parse(b"[" * 400 + b"]" * 400, 10 ** 6)
+    for bad, why in [(b"[{}]", "only lists"), (b"[1]", "only lists"), (b"[NaN]", "only lists"),
+                     (b'["[[[[",' + b"[" * 400 + b"]" * 400 + b"]", "bracket inside a string"),
+                     (b'["\\"[[",[]]', "escaped with a backslash"), (b"[[]", "Expecting"), (b"][", "Expecting"),
+                     (b'["a" "b"]', "Expecting"), (b"]" + b"[" * 400, "nested")]:
+        with pytest.raises(ValueError, match=why):
+            parse(bad, 10 ** 6)
+
+
+def test_a_reply_that_would_be_costly_to_decode_is_refused_without_building_it():
+    import tracemalloc
+
+    with Sandbox() as box:
+        box.load("def empties(n):\n    return [[] for _ in range(n)]\n", timeout=5)
+        assert box.call("empties", (1000,)) == [[]] * 1000
+        tracemalloc.start()
+        try:
+            with pytest.raises(Aborted, match="more than 262144 lists and strings"):
+                box.call("empties", (1_500_000,), timeout=60)  # 13.5 MB of JSON, 3 million lists
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 100 << 20  # the reply's bytes, never its 3 million lists (about 250 MB)
+
+
+def test_a_forged_deeply_nested_reply_is_refused_before_parsing():
+    forger = """
+import os
+def forge():
+    data = b"[" * 1000 + b"]" * 1000
+    for fd in range(3, 64):
+        try:
+            os.write(fd, len(data).to_bytes(4, "big") + data)
+        except OSError:
+            pass
+"""
+    with Sandbox() as box:
+        box.load(forger, timeout=5)
+        with pytest.raises(Aborted, match="nested more than"):
+            box.call("forge")
+
 
 def test_the_fork_server_acts_only_on_fresh_sandbox_directories_under_its_root(tmp_path):
     victim = tmp_path / "victim"
@@ -570,6 +661,14 @@ def flood(n):
         box.load(flood, timeout=5)
         made, error = box.call("flood", (5000,), timeout=20)
     assert made < 500 and error == errno.ENOSPC
+
+
+def test_programs_compile_with_their_own_flags():
+    with Sandbox() as box:
+        with pytest.raises(NameError, match="undefined_name"):  # not postponed by this module's __future__ import
+            box.load("def f(x: undefined_name):\n    pass\n", timeout=5)
+        with pytest.raises(AssertionError, match="asserts run"):
+            box.load("assert False, 'asserts run'\n", timeout=5)
 
 
 # ---------------------------------------------------------------- what the program can see
