@@ -46,6 +46,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 
 # Flags from <sched.h>, <sys/mount.h>, <linux/prctl.h>, <linux/seccomp.h>; stable Linux ABI on every architecture.
@@ -345,7 +346,8 @@ class Sandbox:
         self.limits = limits or Limits()
         self.aborted: Aborted | None = None
         self.uid: int | None = None
-        self._open, self._dir = True, None
+        self._open, self._dir, self._pid = True, None, os.getpid()
+        _live.add(self)
         self._buf, self._out, self._out_len, self._fds = bytearray(), bytearray(), 0, []
         self._ctl = self._status = self._req = self._rep = self._outr = None  # our ends of the five pipes
         try:
@@ -532,6 +534,19 @@ class Sandbox:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_live: weakref.WeakSet[Sandbox] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live() -> None:
+    """Close the sandboxes a caller leaves open when it exits, while it still can: when a caller is pid 1 of
+    its pid namespace (a container's main process), its exit kills every process of the namespace, the
+    wardens too, before they have cleaned up."""
+    for box in list(_live):
+        if box._pid == os.getpid():  # not a forked child's copy of its parent's sandbox
+            box.close()
 
 
 def _wait(fd: int, event: int, timeout: float) -> bool:

@@ -17,7 +17,7 @@ from gspo.data import Example
 from rewards import sandbox
 from rewards.code import (Verdict, evaluate_samples_file, pass_at_k, program, read_problems, run_candidate,
                           run_candidates)
-from test_sandbox import record_uids, traces
+from test_sandbox import record_sandboxes, traces
 
 PROBLEMS = read_problems()
 ADD = PROBLEMS["HumanEval/53"]  # def add(x: int, y: int)
@@ -409,7 +409,7 @@ SECRET_FILE_TEXT = "sentinel " + uuid.uuid4().hex
 @pytest.fixture
 def world(tmp_path, monkeypatch):
     """A host the attacks aim at, and the checks that it came through untouched."""
-    started = record_uids(monkeypatch)
+    started = record_sandboxes(monkeypatch)
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o777)  # writable by anyone: only the sandbox's own walls protect it

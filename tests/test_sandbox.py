@@ -22,10 +22,10 @@ from rewards.sandbox import (PROTECTIONS, SKIPPABLE, Aborted, Limits, ProgramErr
                              encode)
 
 
-def record_uids(monkeypatch) -> set[int]:
-    """The uids of the sandboxes started from here on (in this process), to look for what they left behind.
-    Uids are claimed per sandbox from the kernel, so nothing else tells a test's own sandboxes apart."""
-    started: set[int] = set()
+def record_sandboxes(monkeypatch) -> dict[int, str]:
+    """The uid and directory of each sandbox started from here on (in this process), to look for what they
+    left behind. A uid is unique only among live sandboxes, so the directory is what tells ours apart."""
+    started: dict[int, str] = {}
     start = Sandbox.__init__
 
     def init(self, *args, **kwargs):
@@ -33,7 +33,7 @@ def record_uids(monkeypatch) -> set[int]:
             start(self, *args, **kwargs)
         finally:
             if getattr(self, "uid", None) is not None:
-                started.add(self.uid)
+                started[self.uid] = self._dir
 
     monkeypatch.setattr(Sandbox, "__init__", init)
     return started
@@ -47,22 +47,16 @@ def _uid_of(pid: str):
         return None
 
 
-def traces(uids) -> list[str]:
-    """Processes, cgroups and temporary directories of sandboxes that ran as `uids`."""
-    found = [f"process {d}" for d in os.listdir("/proc") if d.isdigit() and _uid_of(d) in uids]
-    found += [p for p in glob.glob("/sys/fs/cgroup/**/sandbox-*", recursive=True) if int(p.rsplit("-", 1)[1]) in uids]
-    for d in glob.glob(os.path.join(tempfile.gettempdir(), "sandbox-*")):
-        try:
-            if os.stat(os.path.join(d, "work")).st_uid in uids:
-                found.append(d)
-        except OSError:
-            pass
-    return found
+def traces(started: dict[int, str]) -> list[str]:
+    """Processes, cgroups and temporary directories left by the sandboxes in `started` (uid -> directory)."""
+    found = [f"process {d}" for d in os.listdir("/proc") if d.isdigit() and _uid_of(d) in started]
+    found += [p for p in glob.glob("/sys/fs/cgroup/**/sandbox-*", recursive=True) if int(p.rsplit("-", 1)[1]) in started]
+    return found + [d for d in started.values() if os.path.exists(d)]
 
 
 @pytest.fixture(autouse=True)
 def nothing_left_behind(monkeypatch):
-    started = record_uids(monkeypatch)
+    started = record_sandboxes(monkeypatch)
     yield
     assert traces(started) == []
 
@@ -439,7 +433,7 @@ def test_without_namespaces_or_cgroups_the_uid_still_contains_the_program():
             workdir = box.call("daemon")
             assert os.path.isdir(workdir) and workdir.startswith(os.path.realpath(sandbox.tempfile.gettempdir()))
             assert box.call("forks") < 16  # RLIMIT_NPROC applies to the unprivileged uid
-            assert len([t for t in traces({box.uid}) if t.startswith("process")]) >= 2
+            assert len([t for t in traces({box.uid: box._dir}) if t.startswith("process")]) >= 2
         assert bystander.poll() is None
         assert not os.path.exists(workdir)
     finally:
@@ -453,18 +447,19 @@ import sys
 from rewards.sandbox import Sandbox
 box = Sandbox()
 box.load("import os, time\\nif os.fork() == 0:\\n    time.sleep(60)\\n", 5)
-print(box.uid, flush=True)
+print(box.uid, box._dir, flush=True)
 sys.stdin.read()
 """], cwd=os.path.dirname(os.path.dirname(sandbox.__file__)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    uid = int(caller.stdout.readline())
-    left = traces({uid})
+    uid, workdir = caller.stdout.readline().split()
+    started = {int(uid): workdir}
+    left = traces(started)
     assert len([t for t in left if t.startswith("process")]) == 2 and len(left) >= 3  # and its directory
     caller.kill()
     caller.wait()
     deadline = time.monotonic() + 10
-    while traces({uid}) and time.monotonic() < deadline:
+    while traces(started) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert traces({uid}) == []
+    assert traces(started) == []
 
 
 def test_sandboxes_cannot_touch_each_other():
@@ -993,28 +988,32 @@ warnings.simplefilter("ignore")
 from rewards.sandbox import Sandbox
 box = Sandbox(skip=("pid",))
 box.load(%r, 5)
-print(box.uid, flush=True)
+print(box.uid, box._dir, flush=True)
 for line in sys.stdin:
     print(box.call(line.strip()), flush=True)
-"""
+"""  # and exits with the sandbox open
 
 
 def test_callers_in_nested_pid_namespaces_get_different_uids_and_cannot_touch_each_other():
     """Both callers are pid 1 of their own pid namespace, the inner one nested in the outer one: uids
-    derived from the caller's pid would be equal, and the outer sandbox's kill(-1) would reach the inner."""
+    derived from the caller's pid would be equal, and the outer sandbox's kill(-1) would reach the inner.
+    As pid 1, a caller takes its wardens with it when it exits: what it left open is closed before."""
     if os.geteuid() != 0 or not unshare_works() or not shutil.which("nsenter"):
         pytest.skip("needs root, unshare and nsenter")
     project = os.path.dirname(os.path.dirname(sandbox.__file__))
-    script = CALLER % (DEGRADED + PROGRAM)
-    fresh_pid_namespace = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script]
+    fresh_pid_namespace = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                           CALLER % (DEGRADED + PROGRAM)]
     outer = subprocess.Popen(fresh_pid_namespace, cwd=project, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    inner = None
+    inner, started = None, {}
     try:
-        outer_uid = int(outer.stdout.readline())
+        outer_uid, workdir = outer.stdout.readline().split()
+        started[int(outer_uid)] = workdir
         init = open(f"/proc/{outer.pid}/task/{outer.pid}/children").read().split()[0]  # pid 1 of the outer one
-        inner = subprocess.Popen(["nsenter", "--target", init, "--pid", "--mount", f"--wd={project}", "--"] + fresh_pid_namespace,
-                                 cwd=project, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        inner_uid = int(inner.stdout.readline())
+        inner = subprocess.Popen(["nsenter", "--target", init, "--pid", "--mount", f"--wd={project}", "--"]
+                                 + fresh_pid_namespace, cwd=project, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+        inner_uid, workdir = inner.stdout.readline().split()
+        started[int(inner_uid)] = workdir
         assert inner_uid != outer_uid
         outer.stdin.write("kill_everything\n")
         outer.stdin.flush()
@@ -1027,3 +1026,4 @@ def test_callers_in_nested_pid_namespaces_get_different_uids_and_cannot_touch_ea
             if proc is not None:
                 proc.stdin.close()
                 proc.wait(30)
+    assert traces(started) == []
