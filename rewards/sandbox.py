@@ -1038,7 +1038,7 @@ def _bind(source: str, target: str, flags: int) -> None:
 # the socket calls that give a socket a name or reach one (bind, connect, listen, accept, sendmsg).
 _SYSCALLS = """
     read write readv writev pread64 pwrite64 preadv pwritev preadv2 pwritev2 lseek sendfile copy_file_range
-    open openat openat2 creat close close_range dup dup2 dup3 pipe pipe2 fcntl flock fadvise64 umask
+    open openat openat2 creat close close_range dup dup2 dup3 pipe fcntl flock fadvise64 umask
     stat fstat lstat newfstatat statx statfs fstatfs access faccessat faccessat2 readlink readlinkat
     getdents getdents64 getcwd chdir fchdir mkdir mkdirat rmdir unlink unlinkat rename renameat renameat2
     link linkat symlink symlinkat chmod fchmod fchmodat truncate ftruncate fallocate fsync fdatasync
@@ -1087,6 +1087,7 @@ def _seccomp_program() -> bytes | None:
     rules += [("ioctl", allow, [(1, eq, request, 0)]) for request in _IOCTLS]
     rules += [("socket", allow, [(0, eq, socket.AF_UNIX, 0)]), ("socketpair", allow, [(0, eq, socket.AF_UNIX, 0)]),
               ("sendto", allow, [(4, eq, 0, 0)]),  # send() on a connected socket, never to an address
+              ("pipe2", allow, [(1, masked_eq, os.O_EXCL, 0)]),  # O_EXCL here makes a kernel notification pipe
               ("clone", allow, [(0, masked_eq, _NEW_NAMESPACES, 0)]),  # fork and threads, no namespaces
               # glibc starts threads with clone3 and falls back to clone only on ENOSYS; seccomp cannot read
               # clone3's flags, which sit in memory.

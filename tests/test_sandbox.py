@@ -783,6 +783,7 @@ PROBES = {
     "personality": lambda: sys_(135, 0x0040000),
     "inotify_init1": lambda: sys_(294, 0),
     "ioctl TIOCSTI": lambda: sys_(16, 0, 0x5412, ctypes.create_string_buffer(b"x")),
+    "notification pipe": lambda: sys_(293, (ctypes.c_int * 2)(), os.O_EXCL),
     "prctl": lambda: sys_(157, 4, 1, 0, 0, 0),
     "x32 getpid": lambda: sys_(0x40000000 | 39),
     "i386 getpid": i386_syscall,
