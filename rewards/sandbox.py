@@ -266,16 +266,18 @@ def _frame(obj) -> bytes:
 class _ForkServer:
     """A root interpreter (started with -I -S, so nothing from the caller's environment or cwd leaks in)
     that forks one warden per request; it exits when the caller's end of its socket closes. Its arguments
-    fix, for its lifetime, the only directory whose sandbox folders it will act on and the site
-    directories in which it looks up the packages a request may name."""
+    fix, for its lifetime, the only directory whose sandbox folders it will act on, the empty directory on
+    which it mounts the programs' read-only roots (in a mount namespace of its own: nothing shows on the
+    host), and the site directories in which it looks up the packages a request may name."""
 
     def __init__(self):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.root = os.path.realpath(tempfile.gettempdir())
+        self.roots = tempfile.mkdtemp(prefix=".sandbox-roots-", dir=self.root)
         paths = sysconfig.get_paths()
         sites = sorted({paths["purelib"], paths["platlib"]})
         self.proc = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__), "--fork-server",
-                                      str(theirs.fileno()), self.root, json.dumps(sites)],
+                                      str(theirs.fileno()), self.root, self.roots, json.dumps(sites)],
                                      pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_ENV, cwd="/",
                                      start_new_session=True)
         theirs.close()
@@ -291,6 +293,10 @@ class _ForkServer:
             self.proc.wait(5)
         except Exception:
             self.proc.kill()
+        try:
+            os.rmdir(self.roots)  # empty here: the roots were mounted in the fork server's namespace only
+        except OSError:
+            pass
 
 
 _server: _ForkServer | None = None
@@ -351,8 +357,8 @@ class Sandbox:
         self._buf, self._out, self._out_len, self._fds = bytearray(), bytearray(), 0, []
         self._ctl = self._status = self._req = self._rep = self._outr = None  # our ends of the five pipes
         try:
-            # The mount point of the private root; without a mount namespace, `work` inside it is the working
-            # directory. The directory itself stays ours, so the program cannot rename or replace it.
+            # Without a mount namespace, `work` inside it is the working directory; the directory itself stays
+            # ours, so the program cannot rename or replace it. The warden removes it when the program is gone.
             self._dir = tempfile.mkdtemp(prefix="sandbox-", dir=_fork_server().root)
             os.mkdir(os.path.join(self._dir, "work"), 0o700)
             if os.geteuid() == 0:
@@ -564,11 +570,12 @@ def protections(skip=()) -> dict[str, bool]:
 
 # ---------------------------------------------------------------- sandbox side (fork server, warden, program)
 
-def _serve_forks(sock_fd: int, root: str, sites: list[str]) -> None:
+def _serve_forks(sock_fd: int, root: str, roots_dir: str, sites: list[str]) -> None:
     for name in _PRELOAD:
         __import__(name)
     seccomp = _seccomp_program()
-    roots: dict[tuple, tuple] = {}  # (plan of the private root, sys.path additions) per set of packages
+    mounts = _own_mounts(roots_dir)
+    roots: dict[tuple, tuple] = {}  # (the programs' root or None, sys.path additions) per set of packages
     serial = secrets.randbelow(4094)
     sock = socket.socket(fileno=sock_fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # wardens are reaped by the kernel
@@ -582,7 +589,9 @@ def _serve_forks(sock_fd: int, root: str, sites: list[str]) -> None:
             cfg = _checked_config(json.loads(msg), root)
             packages = tuple(cfg["packages"])
             if packages not in roots:
-                roots[packages] = _root_plan(packages, sites)
+                plan, import_paths = _root_plan(packages, sites)
+                new = os.path.join(roots_dir, str(len(roots)))
+                roots[packages] = (_build_root(plan, new) if mounts else None), import_paths
         except (ValueError, OSError) as e:  # a bug or a forged request: act on nothing, say why
             if len(fds) > 1:
                 try:
@@ -842,18 +851,18 @@ def _program(cfg: dict, active: list, cgroups: list[str], private_root: tuple, s
         with open(os.path.join(path, "cgroup.procs"), "w") as f:
             f.write("0")
     uid = cfg["uid"]
-    plan, import_paths = private_root
+    new, import_paths = private_root
     os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
     os.dup2(out, 1)
     os.dup2(out, 2)
     workdir = os.path.join(cfg["dir"], "work")
-    if "mount" not in cfg["skip"] and os.geteuid() == 0:
+    if "mount" not in cfg["skip"] and new is not None:
         try:
             _sys("unshare", CLONE_NEWNS)
-            _private_root(cfg, plan, "pid" in active)
+            _enter_root(cfg, new, "pid" in active)
             workdir = "/sandbox"
             active.append("mount")
-        except OSError:  # e.g. mounting refused by a container's policy: the host's view, file permissions only
+        except OSError:  # the host's view (in this private namespace), file permissions only
             pass
     os.chdir(workdir)
     os.environ.update(HOME=workdir, TMPDIR=workdir)
@@ -979,11 +988,24 @@ def _resolve(path: str, links: dict[str, str]) -> str:
     return real
 
 
-def _private_root(cfg: dict, plan: list, pid_ns: bool) -> None:
-    """Chroot into a tmpfs that holds what `_root_plan` lists, read-only, and /sandbox: a tmpfs of its own,
-    the only writable place, with the disk and inode limits."""
-    new = cfg["dir"]
-    _sys("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)  # nothing we mount propagates to the host
+def _own_mounts(roots_dir: str) -> bool:
+    """Give the fork server (and the wardens and programs it forks) a mount namespace of its own, where
+    nothing mounted shows on the host, with a tmpfs on `roots_dir` to hold the programs' roots. False
+    where mounting is not allowed (not root, or refused by a container's policy)."""
+    try:
+        _sys("unshare", CLONE_NEWNS)
+        _sys("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)
+        _sys("mount", b"tmpfs", roots_dir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=700")
+        return True
+    except OSError:
+        return False
+
+
+def _build_root(plan: list, new: str) -> str | None:
+    """Build, once per set of packages, the read-only root `_root_plan` lists at `new`, with empty /sandbox
+    and /proc to mount on. Every program of that set gets a copy with its mount namespace, so entering it
+    costs two mounts, not a hundred binds. None if it cannot be built."""
+    os.mkdir(new)
     _sys("mount", b"tmpfs", new.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=755")
     try:
         masks = []
@@ -1002,18 +1024,24 @@ def _private_root(cfg: dict, plan: list, pid_ns: bool) -> None:
         for dest in masks:
             _sys("mount", None, dest.encode(), None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
         os.mkdir(new + "/sandbox")
-        _sys("mount", b"tmpfs", (new + "/sandbox").encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-             f"size={cfg['disk']},nr_inodes={cfg['inodes']},mode=700,uid={cfg['uid']},gid={cfg['uid']}".encode())
-        if pid_ns:  # a fresh /proc shows only the sandbox's processes; without a pid namespace, no /proc at all
-            os.mkdir(new + "/proc")
-            try:
-                _sys("mount", b"proc", (new + "/proc").encode(), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-            except OSError:
-                pass
+        os.mkdir(new + "/proc")
         _sys("mount", None, new.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        return new
     except OSError:
-        _sys("umount2", new.encode(), MNT_DETACH)  # back to the host's view before falling back
-        raise
+        _sys("umount2", new.encode(), MNT_DETACH)
+        return None
+
+
+def _enter_root(cfg: dict, new: str, pid_ns: bool) -> None:
+    """In the program's mount namespace (a copy of the fork server's): a tmpfs of its own on /sandbox, the
+    only writable place, with the disk and inode limits, a fresh /proc, and chroot."""
+    _sys("mount", b"tmpfs", (new + "/sandbox").encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+         f"size={cfg['disk']},nr_inodes={cfg['inodes']},mode=700,uid={cfg['uid']},gid={cfg['uid']}".encode())
+    if pid_ns:  # a fresh /proc shows only the sandbox's processes; without a pid namespace, an empty /proc
+        try:
+            _sys("mount", b"proc", (new + "/proc").encode(), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+        except OSError:
+            pass
     os.chroot(new)
     os.chdir("/")
 
@@ -1175,4 +1203,4 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--fork-server"]:
-    _serve_forks(int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]))
+    _serve_forks(int(sys.argv[2]), sys.argv[3], sys.argv[4], json.loads(sys.argv[5]))
