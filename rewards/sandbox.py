@@ -621,8 +621,9 @@ def _serve_forks(sock_fd: int, root: str, roots_dir: str, sites: list[str]) -> N
 
 
 def _checked_config(cfg, root: str) -> dict:
-    """The fork server acts as root on a request's `dir` (mounts on it, chowns it, removes it): accept only
-    a fresh sandbox directory that the caller made directly under the sandbox root, and sane limits."""
+    """The fork server acts as root on a request's `dir` (chowns its `work`, may run the program in it,
+    removes it): accept only a fresh sandbox directory that the caller made directly under the sandbox root,
+    and sane limits."""
     if type(cfg) is not dict or set(cfg) != {"dir", "skip", "packages", *_CONFIG_LIMITS}:
         raise ValueError("config fields differ from dir, skip, packages and the limits")
     for key, kind in _CONFIG_LIMITS.items():
@@ -665,7 +666,8 @@ def _warden(cfg: dict, serial: int, private_root: tuple, seccomp, ctl: int, stat
         _sys("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come back to us, to be reaped
     except OSError:
         pass
-    # The mount namespace is the program's own (see _program): we keep the host's view, to clean up.
+    # The program gets a mount namespace of its own (see _program); ours, the fork server's, has the host's
+    # files in view, to clean up.
     for key, flag in (("net", CLONE_NEWNET), ("pid", CLONE_NEWPID), ("ipc", CLONE_NEWIPC)):
         if key in skip:
             continue
@@ -888,7 +890,7 @@ def _program(cfg: dict, active: list, cgroups: list[str], private_root: tuple, s
     for low, high in zip(keep, keep[1:] + [1 << 20]):
         os.closerange(low + 1, high)
     sys.path += [p for p in import_paths if p not in sys.path]
-    if "seccomp" not in cfg["skip"] and isinstance(seccomp, bytes) and "no_new_privs" in active:
+    if "seccomp" not in cfg["skip"] and seccomp is not None and "no_new_privs" in active:
         try:
             _load_seccomp(seccomp)
             active.append("seccomp")
