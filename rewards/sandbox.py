@@ -581,8 +581,14 @@ def _serve_forks(sock_fd: int, root: str, roots_dir: str, sites: list[str]) -> N
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # wardens are reaped by the kernel
     while True:
         msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 8)
-        if not msg:
-            os._exit(0)  # the caller is gone
+        if not msg:  # the caller is gone (maybe killed, so it cannot remove the roots' mount point)
+            try:
+                if mounts:
+                    _sys("umount2", roots_dir.encode(), MNT_DETACH)
+                os.rmdir(roots_dir)
+            except OSError:
+                pass
+            os._exit(0)
         try:
             if len(fds) != 5:
                 raise ValueError(f"{len(fds)} descriptors instead of 5")

@@ -444,16 +444,16 @@ def test_without_namespaces_or_cgroups_the_uid_still_contains_the_program():
 def test_nothing_outlives_a_caller_that_is_killed():
     caller = subprocess.Popen([sys.executable, "-c", """
 import sys
-from rewards.sandbox import Sandbox
-box = Sandbox()
+from rewards import sandbox
+box = sandbox.Sandbox()
 box.load("import os, time\\nif os.fork() == 0:\\n    time.sleep(60)\\n", 5)
-print(box.uid, box._dir, flush=True)
+print(box.uid, box._dir, sandbox._server.roots, flush=True)
 sys.stdin.read()
 """], cwd=os.path.dirname(os.path.dirname(sandbox.__file__)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    uid, workdir = caller.stdout.readline().split()
-    started = {int(uid): workdir}
+    uid, workdir, roots = caller.stdout.readline().split()
+    started = {int(uid): workdir, -1: roots}  # the fork server's mount point for the programs' roots too
     left = traces(started)
-    assert len([t for t in left if t.startswith("process")]) == 2 and len(left) >= 3  # and its directory
+    assert len([t for t in left if t.startswith("process")]) == 2 and len(left) >= 4  # and the directories
     caller.kill()
     caller.wait()
     deadline = time.monotonic() + 10
