@@ -20,8 +20,9 @@ def score(texts: list[str], examples: list[Example], cfg: Config | None = None) 
         by_task.setdefault(ex.task, []).append(i)
     per_task = {}
     for task, rows in by_task.items():
-        results = rewards.score_batch(task, [texts[i] for i in rows], [examples[i] for i in rows],
-                                      workers=e.workers if task == "humaneval" else 1)
+        # Sandboxed programs: the timeout and parallelism evaluation uses, so both judge alike.
+        options = {"workers": e.workers, "timeout": e.code_timeout} if task == "humaneval" else {}
+        results = rewards.score_batch(task, [texts[i] for i in rows], [examples[i] for i in rows], **options)
         for i, r in zip(rows, results):
             scores[i] = float(r.score)
         per_task[task] = [scores[i] for i in rows]
