@@ -111,9 +111,10 @@ class GSPOConfig:
     temperature: float = opt(1.0, "sampling temperature for rollouts", gt=0)
     top_p: float = opt(1.0, "nucleus sampling for rollouts", gt=0, le=1)
     max_prompt_length: int = opt(512, "prompts are left-truncated to this many tokens", ge=1)
-    decode: str = opt("eager", "rollout decoder: eager (any model, any device) or static (static KV cache + "
-                               "torch.compile with CUDA graphs: far fewer kernel launches per token on a GPU)",
-                      ("eager", "static"))
+    decode: str = opt("auto", "decoder for rollouts and evaluation: static (static KV cache + torch.compile with CUDA "
+                              "graphs: far fewer kernel launches per token on a GPU), eager (any model, any device), "
+                              "or auto: static on CUDA for models it supports, eager elsewhere",
+                      ("auto", "eager", "static"))
 
     def clip_range(self) -> tuple[float, float]:
         lo, hi = DEFAULT_CLIP[self.importance_sampling_level]

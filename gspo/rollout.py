@@ -1,12 +1,17 @@
 """Rollouts: G sampled completions per prompt, and per-token log-probs of completions under a model."""
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
 
+from gspo import static_decode
 from gspo.sampling import pick, plain, prefill
-from gspo.static_decode import sample_static
+from gspo.static_decode import StaticDecodeUnavailable, sample_static
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,21 +107,37 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1), torch.stack(ents, dim=1)
 
 
+_eager_only: weakref.WeakSet = weakref.WeakSet()  # models whose static step failed under gspo.decode=auto
+
+
+def resolve_decode(decode: str, model) -> str:
+    """gspo.decode as it applies to `model`: auto is static on CUDA when the static path supports the model (every
+    layer full attention, weights not sharded) and its compiled step has not failed on it; eager otherwise."""
+    if decode != "auto":
+        return decode
+    from torch.distributed.tensor import DTensor
+
+    p = next(model.parameters())
+    if p.device.type != "cuda" or isinstance(p, DTensor) or model in _eager_only or not static_decode.supported(model):
+        return "eager"
+    return "static"
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, max_prompt_length: int = 512, do_sample: bool = True, batch_size: int = 0,
-             row_seeds: torch.Tensor | None = None, decode: str = "eager") -> Rollout:
+             row_seeds: torch.Tensor | None = None, decode: str = "auto") -> Rollout:
     """`group_size` completions for each prompt, groups contiguous; greedy when do_sample is False.
 
     row_seeds (n_prompts * group_size,) fixes each completion's randomness; without them seeds are drawn from
-    torch's global generator.
+    torch's global generator. decode is gspo.decode (`resolve_decode`).
     """
     device = next(model.parameters()).device
     n_rows = len(prompts) * group_size
     if do_sample and row_seeds is None:
         row_seeds = torch.randint(0, 2**62, (n_rows,), dtype=torch.int64)
     eos = eos_token_ids(tokenizer, model)
-    decoder = sample_static if decode == "static" else sample
+    mode = resolve_decode(decode, model)
     was_training = model.training
     model.eval()
     chunks = []
@@ -126,9 +147,20 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
         first, last = i // group_size, (j - 1) // group_size
         ids, attn = encode_prompts(tokenizer, prompts[first:last + 1], max_prompt_length, device)
         rows = torch.arange(i, j, device=device) // group_size - first
-        seeds = row_seeds[i:j].to(device) if do_sample else None
-        chunks.append((ids[rows], attn[rows]) + decoder(model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id,
-                                                        temperature, top_p, seeds, rows=rows))
+        args = (model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id, temperature, top_p,
+                row_seeds[i:j].to(device) if do_sample else None)
+        if mode == "static":
+            try:
+                out = sample_static(*args, rows=rows)
+            except StaticDecodeUnavailable as e:
+                if decode != "auto":
+                    raise
+                log.warning("gspo.decode=auto: %s; this model decodes eagerly from now on", e)
+                _eager_only.add(model)
+                mode = "eager"
+        if mode == "eager":
+            out = sample(*args, rows=rows)
+        chunks.append((ids[rows], attn[rows]) + out)
     model.train(was_training)
     prompt_ids = _cat_left([c[0] for c in chunks], tokenizer.pad_token_id)
     prompt_mask = _cat_left([c[1] for c in chunks], 0)
