@@ -25,8 +25,10 @@ torch notices and records again, so do that between rollouts, never during one.
 """
 from __future__ import annotations
 
+import functools
 import types
 import weakref
+from contextlib import contextmanager
 
 import torch
 
@@ -35,6 +37,7 @@ from gspo.sampling import pick, plain, prefill
 CHECK_EVERY = 16  # tokens between host reads of how many rows still decode; each read waits for the GPU
 CACHE_ROUND = 256  # cache lengths are rounded up to this, so prompts of different widths share a compiled step
 MIN_ROWS = 8  # the smallest row bucket: below it a step costs the same (the weights' read dominates)
+GROUPED = "gspo_grouped_sdpa"  # the attention the decode step runs when the model's is sdpa (`_grouped_sdpa`)
 
 _pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(L, dtype, device): _Pool}
 
@@ -66,8 +69,9 @@ def sample_static(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ma
     if not supported(model):
         raise StaticDecodeUnavailable("gspo.decode=static supports models whose every layer attends to the whole "
                                       "sequence (no sliding window); use gspo.decode=eager for this model")
-    return plain(_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p,
-                         row_seeds, rows, compile))
+    with _grouped_attention(model):
+        return plain(_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p,
+                             row_seeds, rows, compile))
 
 
 def _step(model, cache, cache_arg: str, tok, pos, attn, row_seeds, t, done, eos, pad_id: int, temperature: float,
@@ -75,6 +79,50 @@ def _step(model, cache, cache_arg: str, tok, pos, attn, row_seeds, t, done, eos,
     """Feed each row's last token (B,) at position pos (B, 1) into the static cache and pick the next one."""
     out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{cache_arg: cache})
     return pick(out.logits[:, -1, :], row_seeds, t, done, eos, pad_id, temperature, top_p)
+
+
+def _grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                  **kw):
+    """sdpa for one new token per row, with the query heads that share a key/value head attending to it together.
+
+    transformers' sdpa does this outside torch.compile only; inside a compiled step it copies every key/value head
+    once per query head (repeat_kv) and attends on the copies: for Qwen2.5-7B (7 query heads per key/value head)
+    seven copies of the whole cache written and read per token, more bytes than the weights at a large batch.
+    Anything else (several query tokens, a position bias, a softcap) goes to transformers' own sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1 or kw.get("position_bias") is not None or kw.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
+    B, H, _, D = query.shape
+    # (B, H, 1, D) -> (B, H_kv, groups, D): a group's query heads become that key/value head's queries; the mask,
+    # (B, 1, 1, L), is the same for all of them.
+    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(B, H // groups, groups, D), key, value,
+                                                           attn_mask=attention_mask, scale=scaling)
+    return out.reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _register_grouped() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GROUPED, _grouped_sdpa)
+    AttentionMaskInterface.register(GROUPED, sdpa_mask)
+
+
+@contextmanager
+def _grouped_attention(model):
+    """The model's attention switched from sdpa to `_grouped_sdpa` while decoding; any other stays as it is."""
+    if model.config._attn_implementation != "sdpa":
+        yield
+        return
+    _register_grouped()
+    model.set_attn_implementation(GROUPED)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def _compiled_step():

@@ -76,12 +76,13 @@ def test_cache_is_reused_across_calls_with_other_prompts(tiny):
 def test_batch_sizes_of_one_bucket_share_a_cache_and_decode_what_the_eager_decoder_does(tiny):
     model, tok, ids, attn, _ = tiny
     eos = {model.config.vocab_size}
+    key = (length_bucket(ids.shape[1] + 20), torch.float32, torch.device("cpu"))
+    before = set(_pools[model][key].caches) if key in _pools.get(model, {}) else set()
     for n in (9, 13, 16):  # all in the 16-row bucket: 7, 3 and no idle slots
         rows = torch.arange(n) % len(PROMPTS)
         args = (model, ids, attn, 20, eos, tok.pad_token_id, 1.0, 1.0, torch.arange(n) + 100)
         assert_same(sample(*args, rows=rows), sample_static(*args, rows=rows, compile=False))
-    (pool,) = _pools[model].values()
-    assert set(pool.caches) == {row_bucket(9)} == {16}
+    assert set(_pools[model][key].caches) - before == {row_bucket(9)} - before and row_bucket(9) == 16
 
 
 def test_finished_rows_leave_the_batch_and_the_tokens_stay_the_eager_ones(tiny):
@@ -168,3 +169,33 @@ def test_decode_speed_bench_smoke(tmp_path):
     for a in (tiny["static_vs_eager"], data["exactness_fp32"]["before_update"], data["exactness_fp32"]["after_update"]):
         assert a["identical_fraction"] == 1.0 and a["max_abs_logp_diff_before_divergence"] <= 1e-5
     assert data["exactness_fp32"]["static_changed_with_weights"]
+
+
+def test_decode_attention_groups_query_heads_instead_of_copying_the_cache(tiny):
+    """While decoding, sdpa models attend with `_grouped_sdpa` (one query token: a key/value head's query heads
+    attend to it together), which equals transformers' sdpa on copied key/value heads; afterwards sdpa is back."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    from gspo.static_decode import GROUPED, _grouped_sdpa
+
+    model, tok, ids, attn, rows = tiny
+    attention = model.model.layers[0].self_attn
+    assert attention.num_key_value_groups > 1
+    seen = []
+    hook = attention.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
+    try:
+        sample_static(model, ids, attn, 3, {model.config.vocab_size}, tok.pad_token_id, compile=False)
+    finally:
+        hook.remove()
+    assert seen[1:] == [GROUPED, GROUPED] and model.config._attn_implementation == "sdpa"
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, n, 16, generator=g) for h, n in ((4, 1), (2, 9), (2, 9)))
+    mask = torch.rand(3, 1, 1, 9, generator=g) > 0.3
+    ours, _ = _grouped_sdpa(attention, q, k, v, mask, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=mask,
+                                                           scale=0.25).transpose(1, 2)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    # More than one query token is transformers' own sdpa.
+    q2 = torch.randn(3, 4, 2, 16, generator=g)
+    assert torch.equal(_grouped_sdpa(attention, q2, k, v, None, scaling=0.25)[0],
+                       sdpa_attention_forward(attention, q2, k, v, None, scaling=0.25)[0])
