@@ -155,6 +155,10 @@ class TrainConfig:
     max_consecutive_skips: int = opt(5, "stop (with a checkpoint) after this many consecutive non-finite updates",
                                      ge=1)
     threads: int = opt(0, "torch CPU threads for warm start, training and evaluation; 0 leaves the default", ge=0)
+    sharding: str = opt("replicated", "under torchrun: replicated (every rank holds the whole model and optimizer) or "
+                                      "fsdp (FSDP2: weights, gradients and optimizer states of each decoder layer "
+                                      "sharded over the ranks, for models that do not fit one GPU replicated)",
+                        ("replicated", "fsdp"))
     progress: bool = opt(True, "show a terminal progress bar")
 
 

@@ -1,8 +1,9 @@
 """Data parallelism over torch.distributed: every helper is a no-op in a single process.
 
-Launch with torchrun; `init_from_env` picks NCCL on CUDA and gloo on CPU. Gradients are summed explicitly (in
-buckets) after each accumulated minibatch rather than by a DDP wrapper, because ranks may hold different numbers
-of rows of a minibatch (even none) and the loss is already weighted to the global minibatch.
+Launch with torchrun; `init_from_env` picks NCCL on CUDA and gloo on CPU. Replicated (train.sharding: replicated),
+every rank holds the whole model and optimizer, and gradients are summed explicitly (in buckets) after each
+accumulated minibatch rather than by a DDP wrapper, because ranks may hold different numbers of rows of a
+minibatch (even none) and the loss is already weighted to the global minibatch.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from gspo.models import pick_device
 
@@ -66,18 +68,49 @@ def broadcast_object(obj):
     return box[0]
 
 
-def all_finite(flag: bool, dev: torch.device) -> bool:
-    """True only if every rank's flag is: a non-finite loss anywhere skips the update everywhere."""
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (an FSDP parameter, its gradient); any other tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def all_min(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor's minimum over ranks, on the device: a vote that no host waits for."""
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def max_ints(xs: list[int], dev: torch.device) -> list[int]:
+    """Each position's largest value over ranks."""
     if not _active():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+        return list(xs)
+    t = torch.tensor(xs, dtype=torch.int64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all the tensors together, on the device (no host read); of sharded tensors, over every
+    rank's shard."""
+    norm = torch.nn.utils.get_total_norm([local(t) for t in tensors])
+    if _active() and any(isinstance(t, DTensor) for t in tensors):
+        sq = norm.double().square()
+        dist.all_reduce(sq)
+        norm = sq.sqrt().to(norm.dtype)
+    return norm
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients so their total norm (`norm`, computed before) is at most max_norm; torch's
+    clip_grads_with_norm_, on each rank's shard of sharded gradients."""
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_([local(p.grad) for p in params], coef)
 
 
 def sum_gradients(params: list[torch.nn.Parameter]) -> None:
-    """All-reduce every parameter's gradient in buckets; each must have one (a rank with no rows passes zeros)."""
-    if not _active():
+    """All-reduce every parameter's gradient in buckets; each must have one (a rank with no rows passes zeros).
+    Sharded parameters' gradients were already summed into their shards by FSDP during the backward."""
+    if not _active() or any(isinstance(p, DTensor) for p in params):
         return
     bucket: list[torch.Tensor] = []
     size = 0

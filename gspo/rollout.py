@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,9 +24,18 @@ class Rollout:
     texts: list[str]  # decoded completions, special tokens removed
     logp: torch.Tensor | None = None  # (B, T) log-probs of the sampled tokens under the sampling policy
     entropy: torch.Tensor | None = None  # (B, T) entropy of the sampling distribution at each position
+    _lengths: tuple | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
+
+    def host_lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) prompt and completion lengths on the CPU, read from the device once: planning and trimming
+        micro-batches from them never waits for the GPU."""
+        if self._lengths is None:
+            both = torch.stack([self.prompt_mask.sum(1), self.completion_mask.sum(1)]).cpu()
+            self._lengths = (both[0], both[1])
+        return self._lengths
 
     def select(self, idx: torch.Tensor) -> "Rollout":
         pick = lambda x: None if x is None else x[idx]
