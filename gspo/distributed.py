@@ -4,6 +4,13 @@ Launch with torchrun; `init_from_env` picks NCCL on CUDA and gloo on CPU. Replic
 every rank holds the whole model and optimizer, and gradients are summed explicitly (in buckets) after each
 accumulated minibatch rather than by a DDP wrapper, because ranks may hold different numbers of rows of a
 minibatch (even none) and the loss is already weighted to the global minibatch.
+
+Sharded (train.sharding: fsdp), every decoder layer and the rest of the model are FSDP2 units (`shard`): each rank
+keeps 1/world of the weights, gradients and optimizer states, a forward gathers one unit's weights at a time, and
+the backward sums gradients into their shards. Every forward then needs all ranks, so they run the same number
+of them (gspo.update's idle passes, lockstep decoding). The optimizer steps each rank's shards as plain tensors
+(`optimizer_params`), and checkpoints gather everything to rank 0 in the replicated run's format, so a run
+resumes across the switch either way.
 """
 from __future__ import annotations
 
@@ -178,3 +185,122 @@ def sum_floats(xs: list[float], dev: torch.device) -> list[float]:
     t = torch.tensor(xs, dtype=torch.float64, device=dev)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def is_sharded(model) -> bool:
+    return isinstance(next(model.parameters()), DTensor)
+
+
+def shard(model, dev: torch.device) -> None:
+    """FSDP2 over all ranks: each decoder layer (the model's `_no_split_modules`) one unit, the rest (embeddings,
+    final norm, LM head) the root's. Gradients are summed over ranks, not averaged: the loss is already weighted
+    to the global minibatch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise ValueError(f"train.sharding=fsdp: {type(model).__name__} names no decoder layer class "
+                         "(_no_split_modules) to shard by; use train.sharding=replicated")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
+
+
+def optimizer_params(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """What the optimizer steps: the parameters, or for sharded ones each rank's shard as a plain tensor sharing
+    its storage (bitsandbytes' kernels and the bf16 rounding step take no DTensor). `attach` points them at the
+    shards and their gradients before each step."""
+    if not any(isinstance(p, DTensor) for p in params):
+        return params
+    return [torch.nn.Parameter(local(p).detach(), requires_grad=p.requires_grad) for p in params]
+
+
+def attach(params: list[torch.nn.Parameter], views: list[torch.nn.Parameter]) -> None:
+    """The shards' current storage and gradients into their plain views (FSDP may re-allocate a shard)."""
+    for v, p in zip(views, params):
+        v.data = local(p).detach()
+        v.grad = None if p.grad is None else local(p.grad)
+
+
+def _tensors(tree, path=()):
+    """(path, tensor) for every tensor in nested dicts, in a fixed order (sorted keys): collectives over them
+    line up across ranks."""
+    if torch.is_tensor(tree):
+        yield path, tree
+    elif isinstance(tree, dict):
+        for k in sorted(tree, key=str):
+            yield from _tensors(tree[k], path + (k,))
+
+
+def _dicts_copied(tree):
+    return {k: _dicts_copied(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def _put(tree: dict, path: tuple, value) -> None:
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value
+
+
+def full_optimizer_state(opt, params: list[torch.nn.Parameter]) -> dict | None:
+    """opt.state_dict() as one process holding the whole model would have it: every state tensor the shape of
+    its parameter's shard is gathered whole. A collective under fsdp (every rank calls it); the result on rank 0,
+    None on the others. Replicated, it is opt.state_dict()."""
+    sd = opt.state_dict()
+    if not any(isinstance(p, DTensor) for p in params):
+        return sd
+    rank = dist.get_rank()
+    sd["state"] = {i: _dicts_copied(st) for i, st in sd["state"].items()}  # state_dict shares the live ones
+    for i in sorted(sd["state"]):
+        p = params[i]
+        for path, t in list(_tensors(sd["state"][i])):
+            if t.dim() and t.shape == local(p).shape:
+                whole = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                           stride=p.stride()).full_tensor()
+                _put(sd["state"][i], path, whole.cpu() if rank == 0 else None)
+    return sd if rank == 0 else None
+
+
+def local_optimizer_state(sd: dict, params: list[torch.nn.Parameter]) -> dict:
+    """The inverse of `full_optimizer_state` on every rank: each state tensor the shape of its whole parameter
+    cut to this rank's shard (no communication: every rank reads the checkpoint)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if not any(isinstance(p, DTensor) for p in params):
+        return sd
+    for i in sd["state"]:
+        p = params[i]
+        for path, t in list(_tensors(sd["state"][i])):
+            if t.dim() and t.shape == p.shape:
+                shard_ = distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                _put(sd["state"][i], path, shard_.to_local().clone())
+    return sd
+
+
+def full_model_state(model) -> dict | None:
+    """The whole model's state dict on rank 0's CPU (a collective: every rank calls it; None on the others)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    # A tied weight (embeddings and LM head) once, under its first name, as save_pretrained writes it.
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name:
+            sd.pop(name, None)
+    return sd
+
+
+def load_full_model_state(model, state: dict):
+    """A whole state dict (every rank holds it) into the sharded model; (missing, unexpected) keys."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    return set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gspo import static_decode
+from gspo import distributed, static_decode
 from gspo.sampling import pick, plain, prefill
 from gspo.static_decode import StaticDecodeUnavailable, sample_static
 
@@ -71,24 +71,28 @@ def eos_token_ids(tokenizer, model) -> set[int]:
 
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_ids: set[int],
            pad_id: int, temperature: float = 1.0, top_p: float = 1.0, row_seeds: torch.Tensor | None = None,
-           rows: torch.Tensor | None = None):
+           rows: torch.Tensor | None = None, lockstep: bool = False):
     """Decode up to max_new_tokens with a KV cache; greedy when row_seeds is None.
 
     rows (B,), when given, is the prompt each completion continues (an index into prompt_ids): each distinct
     prompt is prefilled once and its cache copied to its rows, so a group of G completions pays for its prompt
-    once instead of G times. Without rows, completion b continues prompt b.
+    once instead of G times. Without rows, completion b continues prompt b. lockstep: every rank decodes until
+    all ranks' rows have finished (a sharded model's forward needs every rank).
 
     Returns (B, T) completion ids, padded after each row's EOS, and when sampling the (B, T) log-probs and
     entropies of the tempered distribution the tokens were drawn from (None when greedy).
     """
-    return plain(_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p,
-                         row_seeds, rows))
+    # inference_mode, unlike no_grad, skips autograd's version counters and view tracking on every op: about a
+    # tenth of the decode time of a small model on the CPU. FSDP writes gathered weights into buffers it reuses
+    # later, which must not become inference tensors.
+    with torch.no_grad() if lockstep else torch.inference_mode():
+        out = _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds,
+                      rows, lockstep)
+    return plain(out)
 
 
-# inference_mode, unlike no_grad, skips autograd's version counters and view tracking on every op: about a tenth
-# of the decode time of a small model on the CPU.
-@torch.inference_mode()
-def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds, rows):
+def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds, rows,
+            lockstep):
     eos = torch.tensor(sorted(eos_ids), device=prompt_ids.device)
     attn = prompt_mask
     logits, cache, last_pos, cache_arg = prefill(model, prompt_ids, prompt_mask)
@@ -105,7 +109,10 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
             logps.append(lp)
             ents.append(ent)
         tokens.append(nxt)
-        if bool(done.all()) or t == max_new_tokens - 1:
+        finished = bool(done.all())
+        if lockstep:
+            finished = not distributed.any_flag(not finished, prompt_ids.device)
+        if finished or t == max_new_tokens - 1:
             break
         attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
         out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
@@ -168,7 +175,7 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
                 _eager_only.add(model)
                 mode = "eager"
         if mode == "eager":
-            out = sample(*args, rows=rows)
+            out = sample(*args, rows=rows, lockstep=distributed.is_sharded(model))
         chunks.append((ids[rows], attn[rows]) + out)
     model.train(was_training)
     prompt_ids = _cat_left([c[0] for c in chunks], tokenizer.pad_token_id)

@@ -162,6 +162,12 @@ def params_norm(params: list[torch.Tensor]) -> float:
     return float(distributed.total_norm([p.detach() for p in params]))
 
 
+def _zero_grad(opt, params: list[torch.nn.Parameter]) -> None:
+    opt.zero_grad(set_to_none=True)
+    for q in params:  # sharded, the optimizer holds views of the parameters, not the parameters themselves
+        q.grad = None
+
+
 def _check_norm(update: int, before: float, after: float) -> None:
     if not math.isfinite(after) or after > 2 * before:
         raise Diverged(f"update {update} took the weights' norm from {before:.4g} to {after:.4g}; lower optim.lr")
@@ -188,7 +194,7 @@ def run_updates(model, opt, sched, params: list[torch.nn.Parameter], roll: Rollo
     norm = params_norm(params) if norm_before is None else norm_before
     pending = None  # (update index, weight norm after it on the device) until the next host read checks it
     for i, (mb, mb_passes) in enumerate(zip(plan, passes(roll, plan))):
-        opt.zero_grad(set_to_none=True)
+        _zero_grad(opt, params)
         finite = torch.ones((), device=device)
         for p in mb_passes:
             rows, T = p.rows, p.width
@@ -229,7 +235,7 @@ def run_updates(model, opt, sched, params: list[torch.nn.Parameter], roll: Rollo
             opt.step()
             res.grad_norms.append(read[1])
             pending = (first_update + i, distributed.total_norm([q.detach() for q in params]))
-        opt.zero_grad(set_to_none=True)
+        _zero_grad(opt, params)
         with warnings.catch_warnings():
             # A skipped update still spends its place in the schedule; torch warns when no step came before.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
