@@ -158,15 +158,19 @@ def test_compiled_step_decodes_what_the_eager_decoder_does_and_follows_weight_up
 
 def test_decode_speed_bench_smoke(tmp_path):
     out = tmp_path / "decode.json"
-    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)], capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--rows", "4,12", "--eager-tokens", "20", "--out",
+                          str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().splitlines()[-1].startswith("ratio=")
+    lines = run.stdout.strip().splitlines()
+    assert lines[-1].startswith("ratio=") and lines[-2].startswith("| tiny | 12 |")
     data = json.loads(out.read_text())
-    tiny = data["models"]["tiny"]
-    assert tiny["static_tokens_per_s"] > 0 and tiny["eager_tokens_per_s"] > 0
+    by_rows = data["models"]["tiny"]["rows"]
+    assert set(by_rows) == {"4", "12"}
+    for r in by_rows.values():
+        assert r["static_tokens_per_s"] > 0 and r["eager_tokens_per_s"] > 0 and r["eager_tokens"] == 20
     # fp32 on the CPU: the two decoders agree exactly, before and after the weights change in place.
-    for a in (tiny["static_vs_eager"], data["exactness_fp32"]["before_update"], data["exactness_fp32"]["after_update"]):
+    for a in ([r["static_vs_eager"] for r in by_rows.values()] + [data["exactness_fp32"]["before_update"],
+                                                                  data["exactness_fp32"]["after_update"]]):
         assert a["identical_fraction"] == 1.0 and a["max_abs_logp_diff_before_divergence"] <= 1e-5
     assert data["exactness_fp32"]["static_changed_with_weights"]
 
