@@ -63,7 +63,7 @@ if [[ " $ONLY " == *" decode "* ]]; then
         run decode 300 "$PY" bench/decode_speed.py --smoke --rows 4,12 --eager-tokens 20 \
             --out "$OUT/decode-$DEVICE-$STAMP.json" || status=1
     else
-        run decode 330 "$PY" bench/decode_speed.py --models 0.5b,7b --rows 8,32,128 --new-tokens 512 \
+        run decode 300 "$PY" bench/decode_speed.py --models 0.5b,7b --rows 8,32,128 --new-tokens 512 \
             --eager-tokens 32 --no-repeat-check --check-tokens 64 --out "$OUT/decode-$DEVICE-$STAMP.json" || status=1
     fi
 fi
@@ -72,7 +72,7 @@ if [[ " $ONLY " == *" step "* ]]; then
         run step 300 "$PY" bench/gpu.py --smoke --config configs/qwen2.5-7b-h100.yaml \
             --out "$OUT/step-$DEVICE-$STAMP.json" || status=1
     else
-        run step 240 "$PY" bench/gpu.py --config configs/qwen2.5-7b-h100.yaml --models 7b --prompt-len 192 \
+        run step 210 "$PY" bench/gpu.py --config configs/qwen2.5-7b-h100.yaml --models 7b --prompt-len 192 \
             --steps 2 --memory-cap-gb 80 --out "$OUT/step-$DEVICE-$STAMP.json" || status=1
     fi
 fi
