@@ -131,10 +131,8 @@ def resolve_decode(decode: str, model) -> str:
     layer full attention, weights not sharded) and its compiled step has not failed on it; eager otherwise."""
     if decode != "auto":
         return decode
-    from torch.distributed.tensor import DTensor
-
-    p = next(model.parameters())
-    if p.device.type != "cuda" or isinstance(p, DTensor) or model in _eager_only or not static_decode.supported(model):
+    if (next(model.parameters()).device.type != "cuda" or distributed.is_sharded(model) or model in _eager_only
+            or not static_decode.supported(model)):
         return "eager"
     return "static"
 
