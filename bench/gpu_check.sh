@@ -3,7 +3,7 @@
 #   decode  bench/decode_speed.py: eager against the static-cache compiled decoder on the Qwen2.5-0.5B and 7B
 #           architectures, bf16, 8, 32 and 128 rows of 512 new tokens (eager timed over its first 32 tokens: it
 #           is bound by the host, the same per token at any length), peak memory of each static decode; then the
-#           fp32 exactness check (0.5B, 8 rows, 64 tokens, before and after an in-place weight update).
+#           fp32 exactness check (0.5B, 128 rows, 64 tokens, before and after an in-place weight update).
 #   step    bench/gpu.py --config configs/qwen2.5-7b-h100.yaml: the real configuration (32 prompts x 4
 #           completions, 512 new tokens, micro_batch_tokens 8192, 8-bit AdamW, bf16, checkpointing) on the 7B
 #           architecture with 192-token prompts under an 80 GB cap, two steps, the second timed by phase
