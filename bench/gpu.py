@@ -2,24 +2,30 @@
 
 Random-initialised models with the published Qwen2.5-0.5B, 1.5B and 7B architectures (config values only, no
 weights) each run whole GSPO steps through the trainer's own phases: `gspo.trainer.rollout` samples group_size
-completions of exactly new_tokens tokens for one random prompt, rewards are a seeded mix of 0 and 1,
-`group_advantages` normalises them, then `gspo.update`: the minibatch plan, old log-probs in bf16 with fp32
-logits in the update's micro-batches (`logprobs`), and `run_updates` (num_minibatches clipped updates, finite
-guard, grad clip, 8-bit AdamW with stochastic rounding of the bf16 weights, `gspo.optim.make_optimizer`).
-Weights are bf16 (`resolve_dtype`), activation checkpointing is on.
+completions of exactly new_tokens tokens for each of prompts_per_step random prompts (with gspo.decode as
+configured: auto is the static-cache compiled decoder on CUDA), rewards are half 0 and half 1 in every group in
+a seeded order, `group_advantages` normalises them, then `gspo.update`: the minibatch plan, old log-probs in bf16
+with fp32 logits in the update's passes (`logprobs`), and `run_updates` (num_minibatches clipped updates, finite
+guard, grad clip, 8-bit AdamW with stochastic rounding of the bf16 weights, `gspo.optim.make_optimizer`); its
+first update is run apart so its ratio statistics can be shown (exactly 1, nothing clipped, on any dtype).
+Weights are bf16 (`resolve_dtype`), activation checkpointing is on. `--config` takes the gspo / optim / model
+sections of a training config instead (configs/qwen2.5-7b-h100.yaml: 32 prompts x 4 completions, 512 new
+tokens, micro_batch_tokens 8192).
 
 Ceilings are measured first on the same device: an 8192^3 bf16 matmul (FLOP/s) and a device-to-device copy of
 about 4 GB (bytes read + written per second). Per model the script reports
   - peak memory over all steps (max allocated and max reserved), under a per-process cap of --memory-cap-gb
     (80 GB by default), so "fits 80 GB: yes" on a larger card means the steps ran inside 80 GB;
+  - the last step's time by phase: rollout, old log-probs, update, and within the update the optimizer steps;
   - update-phase MFU against the matmul ceiling, model FLOPs (no recompute) and hardware FLOPs (with the
     checkpointed layers' forward recomputed);
   - decode tokens/s against the memory-bandwidth bound: every decode step must read all weights once (the
     embedding table only when tied, as the LM head) and the KV cache so far, at the measured copy bandwidth.
-Timings are of the last step (the first allocates the optimizer states and warms the kernels).
+Timings are of the last step (the first allocates the optimizer states, compiles and warms the kernels).
 
     PYTHONPATH=. python bench/gpu.py --out gpu.json      # --models 0.5b,1.5b,7b --steps 2 --group-size 8 ...
-    python bench/gpu.py --smoke --out /tmp/gpu.json       # a tiny Qwen2 in fp32 on the CPU: the same code path
+    PYTHONPATH=. python bench/gpu.py --config configs/qwen2.5-7b-h100.yaml --models 7b --prompt-len 192
+    python bench/gpu.py --smoke --out /tmp/gpu.json       # a tiny Qwen2 on the CPU: the same code path
 
 A model that fails (out of memory included) is recorded and the next one runs; the JSON is rewritten after
 every model. The last line is `ratio=<decode tokens/s over the bandwidth bound, for the largest model that ran>`.
@@ -38,10 +44,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gspo import metrics  # noqa: E402
 from gspo.advantages import group_advantages  # noqa: E402
 from gspo.config import load_config  # noqa: E402
 from gspo.models import fp32_logits, prepare_for_training, resolve_dtype  # noqa: E402
 from gspo.optim import make_optimizer, make_scheduler  # noqa: E402
+from gspo.rollout import resolve_decode  # noqa: E402
 from gspo.trainer import rollout  # noqa: E402
 from gspo.update import logprobs, make_plan, run_updates  # noqa: E402
 
@@ -191,9 +199,10 @@ def memory(device: torch.device) -> dict:
             "max_reserved": torch.cuda.max_memory_reserved(device)}
 
 
-def gspo_step(model, tok, opt, sched, cfg, device, prompt: str, step: int) -> dict:
+def gspo_step(model, tok, opt, sched, cfg, device, prompts: list[str], step: int) -> dict:
     """One rollout batch and its num_minibatches updates through the trainer's own phases (gspo.trainer.rollout,
-    gspo.update.make_plan / logprobs / run_updates); phase times in s, the optimizer steps timed by hooks."""
+    gspo.update.make_plan / logprobs / run_updates); phase times in s, the optimizer steps timed by hooks. The
+    first update runs on its own, so its loss statistics are the on-policy update's alone."""
     g = cfg.gspo
     B = g.prompts_per_step * g.group_size
     params = [p for p in model.parameters() if p.requires_grad]
@@ -210,26 +219,31 @@ def gspo_step(model, tok, opt, sched, cfg, device, prompt: str, step: int) -> di
     hooks = [opt.register_step_pre_hook(started), opt.register_step_post_hook(finished)]
     sync(device)
     t0 = time.perf_counter()
-    roll = rollout(model, tok, [prompt], cfg, step, 0, B)
+    roll = rollout(model, tok, prompts, cfg, step, 0, B)
     sync(device)
     t1 = time.perf_counter()
-    # Half the group right, half wrong, in a seeded order: every advantage is non-zero.
-    reward = (torch.randperm(B, generator=torch.Generator().manual_seed(step)) % 2).float()
+    # Half of every group right, half wrong, in a seeded order: every advantage is non-zero, every row trains.
+    gen = torch.Generator().manual_seed(step)
+    reward = torch.cat([torch.randperm(g.group_size, generator=gen) % 2 for _ in range(g.prompts_per_step)]).float()
     adv, _ = group_advantages(reward, g.group_size)
     adv = adv.to(device)
     plan = make_plan(roll, adv, cfg, step, 0, B)
     old_logp = logprobs(model, roll, plan, g.temperature)
     sync(device)
     t2 = time.perf_counter()
-    res = run_updates(model, opt, sched, params, roll, adv, old_logp, None, plan, cfg)
+    first = run_updates(model, opt, sched, params, roll, adv, old_logp, None, plan[:1], cfg)
+    rest = run_updates(model, opt, sched, params, roll, adv, old_logp, None, plan[1:], cfg, norm_before=first.norm,
+                       first_update=1)
     sync(device)
     t3 = time.perf_counter()
     for h in hooks:
         h.remove()
+    on_policy = metrics.finish(first.stats)
     return {"rollout_s": t1 - t0, "old_logp_s": t2 - t1, "update_s": t3 - t2, "optimizer_s": sum(opt_s),
-            "step_s": t3 - t0,
+            "optimizer_share_of_update": sum(opt_s) / (t3 - t2), "step_s": t3 - t0,
+            "first_update": {k: on_policy[k] for k in ("ratio_min", "ratio_max", "clip_frac")},
             "completion_tokens": int(roll.completion_mask.sum()), "completion_width": roll.completion_ids.shape[1],
-            "micro_batches": sum(len(mb.micro) for mb in plan), "updates_applied": sum(res.finite)}
+            "micro_batches": sum(len(mb.micro) for mb in plan), "updates_applied": sum(first.finite + rest.finite)}
 
 
 def run_model(name: str, args, cfg, device: torch.device, ceil: dict, log) -> dict:
@@ -245,17 +259,18 @@ def run_model(name: str, args, cfg, device: torch.device, ceil: dict, log) -> di
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     sched = make_scheduler(opt, cfg.optim, args.steps * g.num_minibatches)
     res = {"arch": ARCHS[name], "published_params": PUBLISHED_PARAMS.get(name), **c, "dtype": str(dtype),
-           "optimizer": type(opt).__module__ + "." + type(opt).__name__, "build_s": time.perf_counter() - t,
-           "weights_bytes": memory(device).get("allocated")}
-    log(f"[{name}] {fmt_params(c['params'])} params, built in {res['build_s']:.1f} s ({res['optimizer']})")
+           "optimizer": type(opt).__module__ + "." + type(opt).__name__, "decode": resolve_decode(g.decode, model),
+           "build_s": time.perf_counter() - t, "weights_bytes": memory(device).get("allocated")}
+    log(f"[{name}] {fmt_params(c['params'])} params, built in {res['build_s']:.1f} s ({res['optimizer']}, "
+        f"{res['decode']} decoding)")
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, model.config.vocab_size, (args.prompt_len,), generator=gen)  # 0 is the pad token
-    prompt = " ".join(f"t{i}" for i in ids.tolist())
+    ids = torch.randint(1, model.config.vocab_size, (g.prompts_per_step, args.prompt_len), generator=gen)  # 0: pad
+    prompts = [" ".join(f"t{i}" for i in row) for row in ids.tolist()]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     steps = []
     for s in range(args.steps):
-        steps.append(gspo_step(model, tok, opt, sched, cfg, device, prompt, s) | memory(device))
+        steps.append(gspo_step(model, tok, opt, sched, cfg, device, prompts, s) | memory(device))
         if s == 0:
             res["optimizer_state_bytes"] = sum(v.numel() * v.element_size() for st in opt.state.values()
                                                for v in st.values() if torch.is_tensor(v))
@@ -263,7 +278,8 @@ def run_model(name: str, args, cfg, device: torch.device, ceil: dict, log) -> di
         log(f"[{name}] step {s + 1}/{args.steps}: rollout {m['rollout_s']:.2f} s, "
             f"old log-probs {m['old_logp_s']:.2f} s, "
             f"update {m['update_s']:.2f} s (optimizer {m['optimizer_s']:.2f} s), "
-            f"peak so far {gb(m.get('max_allocated'))} GB")
+            f"peak so far {gb(m.get('max_allocated'))} GB; first update: ratio {m['first_update']['ratio_min']!r} "
+            f"to {m['first_update']['ratio_max']!r}, clipped {m['first_update']['clip_frac']!r}")
     res["steps"] = steps
     last = steps[-1]
     rows = g.prompts_per_step * g.group_size
@@ -314,7 +330,8 @@ def yes_no(x) -> str:
 
 def table(results: dict) -> str:
     head = ["model", "params", "peak alloc GB", "peak resv GB", "fits 80 GB", "rollout s", "decode tok/s",
-            "bound tok/s", "of bound", "update s", "MFU model", "MFU hw"]
+            "bound tok/s", "of bound", "old logp s", "update s", "optimizer s", "MFU model", "MFU hw",
+            "1st update ratio / clip"]
     lines = [head, ["---"] * len(head)]
     for name, r in results.items():
         if "error" in r:
@@ -322,26 +339,30 @@ def table(results: dict) -> str:
             lines.append([name, "-", "-", "-", "no" if r.get("oom") else "-", "error: " + error])
             continue
         s = r["steps"][-1]
+        f = s["first_update"]
         lines.append([name, fmt_params(r["params"]), gb(r["peak_allocated_bytes"]), gb(r["peak_reserved_bytes"]),
                       yes_no(r["fits_80gb"]), f"{s['rollout_s']:.2f}",
                       f"{r['decode_tokens_per_s']:.0f}", f"{r['decode_bound_tokens_per_s']:.0f}",
-                      f"{r['decode_fraction_of_bound']:.3f}", f"{s['update_s']:.2f}", f"{r['update_mfu_model']:.3f}",
-                      f"{r['update_mfu_hardware']:.3f}"])
+                      f"{r['decode_fraction_of_bound']:.3f}", f"{s['old_logp_s']:.2f}", f"{s['update_s']:.2f}",
+                      f"{s['optimizer_s']:.2f}", f"{r['update_mfu_model']:.3f}", f"{r['update_mfu_hardware']:.3f}",
+                      f"{f['ratio_min']!r}..{f['ratio_max']!r} / {f['clip_frac']!r}"])
     return "\n".join("| " + " | ".join(row) + " |" for row in lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="0.5b,1.5b,7b", help=f"comma-separated, of {', '.join(PUBLISHED_PARAMS)}")
-    ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--new-tokens", type=int, default=None, help="default 512 (16 with --smoke)")
+    ap.add_argument("--config", default=None, help="a training config whose gspo, optim and model sections are used "
+                                                   "(its batch, lengths, optimizer, dtype); the model is --models")
+    ap.add_argument("--group-size", type=int, default=None, help="default 8, or the config's")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per step: default 1, or the config's")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 512 or the config's (16 with --smoke)")
     ap.add_argument("--prompt-len", type=int, default=None, help="default 128 (16 with --smoke)")
     ap.add_argument("--steps", type=int, default=2, help="GSPO steps per model; the last one is timed")
     ap.add_argument("--memory-cap-gb", type=float, default=80.0, help="per-process GPU memory cap; 0 for none")
     ap.add_argument("--out", default=None, help="JSON of all numbers, rewritten after every model")
     ap.add_argument("--smoke", action="store_true", help="a tiny Qwen2 (not --models) in fp32 on the CPU, one thread")
     args = ap.parse_args(argv)
-    args.new_tokens = args.new_tokens or (16 if args.smoke else 512)
     args.prompt_len = args.prompt_len or (16 if args.smoke else 128)
     names = ["tiny"] if args.smoke else [n.strip().lower() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in PUBLISHED_PARAMS and not args.smoke]
@@ -358,10 +379,14 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, flush=True)
 
-    cfg = load_config(None, [
-        f"gspo.group_size={args.group_size}", "gspo.prompts_per_step=1", f"gspo.max_new_tokens={args.new_tokens}",
-        f"gspo.max_prompt_length={args.prompt_len}", "gspo.num_minibatches=4", "gspo.temperature=1.0",
-        "optim.optimizer=adamw8bit", "model.gradient_checkpointing=true"])
+    base = [] if args.config else ["gspo.group_size=8", "gspo.prompts_per_step=1", "gspo.max_new_tokens=512",
+                                   "gspo.num_minibatches=4", "gspo.temperature=1.0", "optim.optimizer=adamw8bit",
+                                   "model.gradient_checkpointing=true"]
+    given = [f"gspo.group_size={args.group_size}" if args.group_size else None,
+             f"gspo.prompts_per_step={args.prompts}" if args.prompts else None,
+             f"gspo.max_new_tokens={16 if args.smoke else args.new_tokens}" if args.smoke or args.new_tokens else None]
+    cfg = load_config(args.config, base + [x for x in given if x] + [f"gspo.max_prompt_length={args.prompt_len}"])
+    args.new_tokens = cfg.gspo.max_new_tokens
     import transformers
     try:
         import bitsandbytes
@@ -371,7 +396,9 @@ def main(argv=None) -> int:
     data = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__, "bitsandbytes": bnb_version,
             "python": sys.version.split()[0], "smoke": args.smoke,
-            "settings": {"models": names, "group_size": args.group_size, "prompts_per_step": 1,
+            "settings": {"models": names, "config": args.config, "group_size": cfg.gspo.group_size,
+                         "prompts_per_step": cfg.gspo.prompts_per_step, "decode": cfg.gspo.decode,
+                         "dtype": cfg.model.dtype,
                          "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "steps": args.steps,
                          "num_minibatches": cfg.gspo.num_minibatches,
                          "micro_batch_tokens": cfg.optim.micro_batch_tokens, "temperature": cfg.gspo.temperature,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from gspo import distributed
 from gspo.models import save_model
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,20 @@ def _commit(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_weights(model, tokenizer, out: Path, meta: dict) -> Path:
+def _save_model(model, tokenizer, out: Path, weights: dict | None) -> None:
+    """The model as transformers saves it; `weights`, when given, is its whole state dict gathered from the ranks
+    of a sharded model (whose own parameters are shards)."""
+    if weights is None:
+        save_model(model, tokenizer, out)
+    else:
+        model.save_pretrained(out, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+
+def save_weights(model, tokenizer, out: Path, meta: dict, weights: dict | None = None) -> Path:
     tmp = _atomic_dir(out)
     try:
-        save_model(model, tokenizer, tmp)
+        _save_model(model, tokenizer, tmp, weights)
         (tmp / "gspo_meta.json").write_text(json.dumps(meta))
         _commit(tmp, out)
     except BaseException:
@@ -107,12 +118,16 @@ def save_weights(model, tokenizer, out: Path, meta: dict) -> Path:
     return out
 
 
-def save(out_dir: Path, step: int, model, tokenizer, opt, sched, state: dict, rng: dict, keep: int) -> Path:
+def save(out_dir: Path, step: int, model, tokenizer, opt, sched, state: dict, rng: dict, keep: int,
+         weights: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """A resumable checkpoint. A sharded model passes its whole weights and optimizer state gathered from the ranks
+    (gspo.distributed.full_model_state / full_optimizer_state), so the files are what one process would write."""
     final = out_dir / "checkpoints" / f"{_STEP}{step:08d}"
     tmp = _atomic_dir(final)
     try:
-        save_model(model, tokenizer, tmp / "model")
-        saved = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": dict(state), "rng": rng}
+        _save_model(model, tokenizer, tmp / "model", weights)
+        saved = {"optimizer": opt.state_dict() if optimizer_state is None else optimizer_state,
+                 "scheduler": sched.state_dict(), "state": dict(state), "rng": rng}
         if _is_peft(model):  # model/ holds merged weights; resuming needs the adapter itself
             saved["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         torch.save(saved, tmp / "trainer_state.pt")
@@ -160,8 +175,11 @@ def remove_unfinished(out_dir: Path) -> list[Path]:
 
 
 def load(ckpt: Path, model, opt, sched) -> dict:
+    """Weights, optimizer and schedule from a checkpoint, whichever sharding wrote it; a sharded model takes its
+    shards of the whole tensors (every rank reads the files, memory-mapped)."""
+    sharded = distributed.is_sharded(model)
     # weights_only=False: the file holds Python RNG state and is written by this trainer only (and verified).
-    saved = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=sharded)
     if "trainable" in saved:
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -169,7 +187,8 @@ def load(ckpt: Path, model, opt, sched) -> dict:
                 params[name].copy_(value)
     else:
         _load_full_weights(model, ckpt / "model")
-    opt.load_state_dict(saved["optimizer"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt.load_state_dict(distributed.local_optimizer_state(saved["optimizer"], trainable))
     sched.load_state_dict(saved["scheduler"])
     return saved
 
@@ -185,7 +204,10 @@ def _load_full_weights(model, model_dir: Path) -> None:
     state = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(str(shard)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if distributed.is_sharded(model):
+        missing, unexpected = distributed.load_full_model_state(model, state)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if getattr(model.config, "tie_word_embeddings", False) and k.startswith("lm_head")}
     if unexpected or set(missing) - tied:
         raise ValueError(f"{model_dir}: checkpoint does not match the model "

@@ -111,9 +111,10 @@ class GSPOConfig:
     temperature: float = opt(1.0, "sampling temperature for rollouts", gt=0)
     top_p: float = opt(1.0, "nucleus sampling for rollouts", gt=0, le=1)
     max_prompt_length: int = opt(512, "prompts are left-truncated to this many tokens", ge=1)
-    decode: str = opt("eager", "rollout decoder: eager (any model, any device) or static (static KV cache + "
-                               "torch.compile with CUDA graphs: far fewer kernel launches per token on a GPU)",
-                      ("eager", "static"))
+    decode: str = opt("auto", "decoder for rollouts and evaluation: static (static KV cache + torch.compile with CUDA "
+                              "graphs: far fewer kernel launches per token on a GPU), eager (any model, any device), "
+                              "or auto: static on CUDA for models it supports, eager elsewhere",
+                      ("auto", "eager", "static"))
 
     def clip_range(self) -> tuple[float, float]:
         lo, hi = DEFAULT_CLIP[self.importance_sampling_level]
@@ -154,6 +155,11 @@ class TrainConfig:
     max_consecutive_skips: int = opt(5, "stop (with a checkpoint) after this many consecutive non-finite updates",
                                      ge=1)
     threads: int = opt(0, "torch CPU threads for warm start, training and evaluation; 0 leaves the default", ge=0)
+    sharding: str = opt("replicated", "under torchrun: replicated (every rank holds the whole model and optimizer) or "
+                                      "fsdp (FSDP2: weights, gradients and optimizer states of each decoder layer "
+                                      "sharded over the ranks, for models that do not fit one GPU replicated; needs "
+                                      "optim.optimizer=adamw, no LoRA, eager decoding)",
+                        ("replicated", "fsdp"))
     progress: bool = opt(True, "show a terminal progress bar")
 
 
@@ -213,6 +219,17 @@ class Config:
                     raise ConfigError(f"invalid config value {sec.name}.{f.name}: {why}")
         g = self.gspo
         rows = g.prompts_per_step * g.group_size
+        if self.train.sharding == "fsdp":
+            # 8-bit states: bitsandbytes takes no sharded (DTensor) parameter, and its per-block quantisation of a
+            # shard does not gather into one process's state; LoRA: its few trainable weights fit one GPU
+            # replicated; static decoding: a CUDA graph cannot hold FSDP's weight gathers between ranks.
+            clash = [f"{name}={value}" for name, value, bad in (
+                ("optim.optimizer", self.optim.optimizer, self.optim.optimizer == "adamw8bit"),
+                ("model.lora_r", self.model.lora_r, self.model.lora_r > 0),
+                ("gspo.decode", g.decode, g.decode == "static")) if bad]
+            if clash:
+                raise ConfigError(f"invalid config: train.sharding=fsdp does not work with {', '.join(clash)} (fsdp "
+                                  "needs optim.optimizer=adamw, model.lora_r=0 and gspo.decode auto or eager)")
         if g.num_minibatches > rows:
             raise ConfigError(f"invalid config value gspo.num_minibatches: {g.num_minibatches} updates need at least "
                               f"as many rows, and a step has prompts_per_step * group_size = {rows}")

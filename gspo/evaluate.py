@@ -98,7 +98,7 @@ def _generative(model, tok, task, examples, cfg, on_progress) -> tuple[dict, lis
     for chunk in _batches(examples, e.batch_size, on_progress):
         prompts = [format_prompt(tok, x, cfg.data.use_chat_template) for x in chunk]
         roll = generate(model, tok, prompts, k, e.max_new_tokens, g.temperature, g.top_p, g.max_prompt_length,
-                        do_sample=k > 1)
+                        do_sample=k > 1, decode=g.decode)
         completions += roll.texts
     repeated = [x for x in examples for _ in range(k)]
     if task == "humaneval":

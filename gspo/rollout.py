@@ -1,12 +1,17 @@
 """Rollouts: G sampled completions per prompt, and per-token log-probs of completions under a model."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
+from gspo import distributed, static_decode
 from gspo.sampling import pick, plain, prefill
-from gspo.static_decode import sample_static
+from gspo.static_decode import StaticDecodeUnavailable, sample_static
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -19,9 +24,18 @@ class Rollout:
     texts: list[str]  # decoded completions, special tokens removed
     logp: torch.Tensor | None = None  # (B, T) log-probs of the sampled tokens under the sampling policy
     entropy: torch.Tensor | None = None  # (B, T) entropy of the sampling distribution at each position
+    _lengths: tuple | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
+
+    def host_lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) prompt and completion lengths on the CPU, read from the device once: planning and trimming
+        micro-batches from them never waits for the GPU."""
+        if self._lengths is None:
+            both = torch.stack([self.prompt_mask.sum(1), self.completion_mask.sum(1)]).cpu()
+            self._lengths = (both[0], both[1])
+        return self._lengths
 
     def select(self, idx: torch.Tensor) -> "Rollout":
         pick = lambda x: None if x is None else x[idx]
@@ -57,24 +71,28 @@ def eos_token_ids(tokenizer, model) -> set[int]:
 
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_ids: set[int],
            pad_id: int, temperature: float = 1.0, top_p: float = 1.0, row_seeds: torch.Tensor | None = None,
-           rows: torch.Tensor | None = None):
+           rows: torch.Tensor | None = None, lockstep: bool = False):
     """Decode up to max_new_tokens with a KV cache; greedy when row_seeds is None.
 
     rows (B,), when given, is the prompt each completion continues (an index into prompt_ids): each distinct
     prompt is prefilled once and its cache copied to its rows, so a group of G completions pays for its prompt
-    once instead of G times. Without rows, completion b continues prompt b.
+    once instead of G times. Without rows, completion b continues prompt b. lockstep: every rank decodes until
+    all ranks' rows have finished (a sharded model's forward needs every rank).
 
     Returns (B, T) completion ids, padded after each row's EOS, and when sampling the (B, T) log-probs and
     entropies of the tempered distribution the tokens were drawn from (None when greedy).
     """
-    return plain(_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p,
-                         row_seeds, rows))
+    # inference_mode, unlike no_grad, skips autograd's version counters and view tracking on every op: about a
+    # tenth of the decode time of a small model on the CPU. FSDP writes gathered weights into buffers it reuses
+    # later, which must not become inference tensors.
+    with torch.no_grad() if lockstep else torch.inference_mode():
+        out = _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds,
+                      rows, lockstep)
+    return plain(out)
 
 
-# inference_mode, unlike no_grad, skips autograd's version counters and view tracking on every op: about a tenth
-# of the decode time of a small model on the CPU.
-@torch.inference_mode()
-def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds, rows):
+def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds, rows,
+            lockstep):
     eos = torch.tensor(sorted(eos_ids), device=prompt_ids.device)
     attn = prompt_mask
     logits, cache, last_pos, cache_arg = prefill(model, prompt_ids, prompt_mask)
@@ -91,7 +109,10 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
             logps.append(lp)
             ents.append(ent)
         tokens.append(nxt)
-        if bool(done.all()) or t == max_new_tokens - 1:
+        finished = bool(done.all())
+        if lockstep:
+            finished = not distributed.any_flag(not finished, prompt_ids.device)
+        if finished or t == max_new_tokens - 1:
             break
         attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
         out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
@@ -102,21 +123,35 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1), torch.stack(ents, dim=1)
 
 
+_eager_only: weakref.WeakSet = weakref.WeakSet()  # models whose static step failed under gspo.decode=auto
+
+
+def resolve_decode(decode: str, model) -> str:
+    """gspo.decode as it applies to `model`: auto is static on CUDA when the static path supports the model (every
+    layer full attention, weights not sharded) and its compiled step has not failed on it; eager otherwise."""
+    if decode != "auto":
+        return decode
+    if (next(model.parameters()).device.type != "cuda" or distributed.is_sharded(model) or model in _eager_only
+            or not static_decode.supported(model)):
+        return "eager"
+    return "static"
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, max_prompt_length: int = 512, do_sample: bool = True, batch_size: int = 0,
-             row_seeds: torch.Tensor | None = None, decode: str = "eager") -> Rollout:
+             row_seeds: torch.Tensor | None = None, decode: str = "auto") -> Rollout:
     """`group_size` completions for each prompt, groups contiguous; greedy when do_sample is False.
 
     row_seeds (n_prompts * group_size,) fixes each completion's randomness; without them seeds are drawn from
-    torch's global generator.
+    torch's global generator. decode is gspo.decode (`resolve_decode`).
     """
     device = next(model.parameters()).device
     n_rows = len(prompts) * group_size
     if do_sample and row_seeds is None:
         row_seeds = torch.randint(0, 2**62, (n_rows,), dtype=torch.int64)
     eos = eos_token_ids(tokenizer, model)
-    decoder = sample_static if decode == "static" else sample
+    mode = resolve_decode(decode, model)
     was_training = model.training
     model.eval()
     chunks = []
@@ -126,9 +161,20 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
         first, last = i // group_size, (j - 1) // group_size
         ids, attn = encode_prompts(tokenizer, prompts[first:last + 1], max_prompt_length, device)
         rows = torch.arange(i, j, device=device) // group_size - first
-        seeds = row_seeds[i:j].to(device) if do_sample else None
-        chunks.append((ids[rows], attn[rows]) + decoder(model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id,
-                                                        temperature, top_p, seeds, rows=rows))
+        args = (model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id, temperature, top_p,
+                row_seeds[i:j].to(device) if do_sample else None)
+        if mode == "static":
+            try:
+                out = sample_static(*args, rows=rows)
+            except StaticDecodeUnavailable as e:
+                if decode != "auto":
+                    raise
+                log.warning("gspo.decode=auto: %s; this model decodes eagerly from now on", e)
+                _eager_only.add(model)
+                mode = "eager"
+        if mode == "eager":
+            out = sample(*args, rows=rows, lockstep=distributed.is_sharded(model))
+        chunks.append((ids[rows], attn[rows]) + out)
     model.train(was_training)
     prompt_ids = _cat_left([c[0] for c in chunks], tokenizer.pad_token_id)
     prompt_mask = _cat_left([c[1] for c in chunks], 0)

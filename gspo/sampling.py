@@ -43,7 +43,7 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def pick(logits, row_seeds, t: int, done, eos, pad_id: int, temperature: float, top_p: float):
     """Next token of every row from its last logits (B, V): greedy without row_seeds, else a Gumbel-max draw from
     the tempered (and nucleus-cut) distribution; pad after EOS. Returns (token, log-prob, entropy, done), the
-    log-prob and entropy of the tempered distribution before the cut (None when greedy)."""
+    log-prob and entropy of the tempered distribution before the cut (None when greedy; 0 on a padded row)."""
     logits = logits.float()
     lp = ent = None
     if row_seeds is None:
@@ -56,8 +56,9 @@ def pick(logits, row_seeds, t: int, done, eos, pad_id: int, temperature: float, 
         nxt = (logits + gumbel_noise(row_seeds, t, logits.shape[-1])).argmax(-1)
     nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
     if row_seeds is not None:
-        lp = lp_all.gather(1, nxt[:, None]).squeeze(1)
-        ent = -(lp_all.exp() * lp_all).sum(-1)
+        # Rows that had finished hold padding: no draw, so nothing to report, whichever rows share the batch.
+        lp = torch.where(done, 0.0, lp_all.gather(1, nxt[:, None]).squeeze(1))
+        ent = torch.where(done, 0.0, -(lp_all.exp() * lp_all).sum(-1))
     return nxt, lp, ent, done | (nxt[:, None] == eos[None, :]).any(-1)
 
 

@@ -39,6 +39,6 @@ def greedy_reward(model, tok, examples: list[Example], cfg: Config, batch_size: 
         chunk = examples[i:i + batch_size]
         prompts = [format_prompt(tok, e, cfg.data.use_chat_template) for e in chunk]
         roll = generate(model, tok, prompts, 1, cfg.gspo.max_new_tokens, do_sample=False,
-                        max_prompt_length=cfg.gspo.max_prompt_length)
+                        max_prompt_length=cfg.gspo.max_prompt_length, decode=cfg.gspo.decode)
         total += float(score(roll.texts, chunk, cfg)[0].sum())
     return total / len(examples)

@@ -108,7 +108,7 @@ def rollout(model, tok, prompts: list[str], cfg: Config, step: int, first_row: i
 
 
 # Fields that may differ between a run and its resumption: they change neither the weights nor the data order.
-RESUMABLE_CHANGES = {"train": {"progress", "threads", "device", "checkpoint_every", "keep_checkpoints"}}
+RESUMABLE_CHANGES = {"train": {"progress", "threads", "device", "checkpoint_every", "keep_checkpoints", "sharding"}}
 RUN_RECORD = "run.json"
 
 
@@ -176,6 +176,7 @@ class Run:
         if g.prompts_per_step % self.world:
             raise ValueError(f"gspo.prompts_per_step={g.prompts_per_step} must be divisible by the {self.world} ranks")
         self.device = distributed.device(t.device)
+        self.sharded = t.sharding == "fsdp" and self.world > 1  # one process has nothing to shard
         random.seed(t.seed)
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
@@ -183,8 +184,15 @@ class Run:
         self.model = load_model(model_dir, cfg.model, self.device)
         self.ref = (load_model(model_dir, cfg.model, self.device, trainable=False)
                     if g.beta > 0 and cfg.model.lora_r == 0 else None)
+        if self.sharded:
+            for m in (self.model, self.ref):
+                if m is not None:
+                    distributed.shard(m, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = make_optimizer(self.params, cfg.optim, seed=t.seed)
+        stepped = distributed.optimizer_params(self.params)
+        self.opt = make_optimizer(stepped, cfg.optim, seed=t.seed)
+        if stepped is not self.params:
+            self.opt.register_step_pre_hook(lambda *_: distributed.attach(self.params, stepped))
         self.sched = make_scheduler(self.opt, cfg.optim, t.steps * g.num_minibatches)
         self.state = TrainState()
         self.metrics_path = out_dir / "metrics.jsonl"
@@ -278,15 +286,16 @@ class Run:
         t, st = self.cfg.train, self.state
         stopped = self.stopped_early
         requested = distributed.any_flag(bool(stop), self.device)
+        due = t.eval_every and (st.step % t.eval_every == 0 or st.step == t.steps) and self.eval_examples
+        # Sharded, every rank runs the same evaluation in step (each forward needs them all) and gets the same score.
+        if due and (self.rank == 0 or self.sharded):
+            score = scoring.greedy_reward(self.model, self.tok, self.eval_examples, self.cfg)
+            m["eval_reward"] = score
+            st.eval_history.append([st.step, score])
+            if st.best_eval is None or score > st.best_eval:
+                st.best_eval = score
+                self.save_weights(self.out_dir / "best", {"step": st.step, "eval_reward": score})
         if self.rank == 0:
-            if t.eval_every and (st.step % t.eval_every == 0 or st.step == t.steps) and self.eval_examples:
-                score = scoring.greedy_reward(self.model, self.tok, self.eval_examples, self.cfg)
-                m["eval_reward"] = score
-                st.eval_history.append([st.step, score])
-                if st.best_eval is None or score > st.best_eval:
-                    st.best_eval = score
-                    checkpoint.save_weights(self.model, self.tok, self.out_dir / "best",
-                                            {"step": st.step, "eval_reward": score})
             with open(self.metrics_path, "a") as f:
                 f.write(checkpoint.metrics_line(m))
             if on_step is not None:
@@ -295,11 +304,21 @@ class Run:
             self._checkpoint()
         return stopped or requested
 
+    def save_weights(self, out: Path, meta: dict) -> None:
+        """The model, loadable with from_pretrained, written by rank 0 (sharded: gathered from every rank first)."""
+        weights = distributed.full_model_state(self.model) if self.sharded else None
+        if self.rank == 0:
+            checkpoint.save_weights(self.model, self.tok, out, meta, weights)
+
     def _checkpoint(self, rng: dict | None = None) -> None:
+        weights = opt_state = None
+        if self.sharded:
+            weights = distributed.full_model_state(self.model)
+            opt_state = distributed.full_optimizer_state(self.opt, self.params)
         if self.rank == 0:
             self.last_checkpoint = checkpoint.save(self.out_dir, self.state.step, self.model, self.tok, self.opt,
                                                    self.sched, self.state.__dict__, rng or _rng_state(),
-                                                   self.cfg.train.keep_checkpoints)
+                                                   self.cfg.train.keep_checkpoints, weights, opt_state)
         distributed.barrier()
 
 
@@ -310,8 +329,9 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
 
     Under torch.distributed (launched with torchrun) every rank takes a contiguous share of each step's prompts,
     whole groups, and gradients are summed across ranks before each update, so the run follows the same
-    trajectory as one process (sampling noise is per completion, not per batch). Rank 0 writes metrics and
-    checkpoints. `after_backward(model, update_index)` runs after each accumulated backward pass, before the
+    trajectory as one process (sampling noise is per completion, not per batch). With train.sharding fsdp the
+    ranks also split the weights, gradients and optimizer states (gspo.distributed). Rank 0 writes metrics and
+    checkpoints, in the same files whatever the sharding. `after_backward(model, update_index)` runs after each accumulated backward pass, before the
     non-finite guard: a place for gradient surgery or fault injection.
 
     Raises ValueError when out_dir holds a run of another configuration or another process trains there,
@@ -348,9 +368,7 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
             if run.stopped_early:
                 break
         bar.close(f"{cfg.train.max_consecutive_skips} non-finite updates in a row" if run.stopped_early else "")
-        if rank == 0:
-            checkpoint.save_weights(run.model, run.tok, out_dir / "final",
-                                    {"step": run.state.step, "stopped_early": run.stopped_early})
+        run.save_weights(out_dir / "final", {"step": run.state.step, "stopped_early": run.stopped_early})
         distributed.barrier()
     best = out_dir / "best"
     return TrainResult(out_dir / "final", best if best.exists() else None, run.metrics_path, run.state.step,

@@ -14,6 +14,7 @@ the global minibatch, so summed gradients equal one process's.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from contextlib import nullcontext
@@ -43,41 +44,86 @@ def row_seeds(seed: int, step: int, n_rows: int, first: int, count: int) -> torc
 @dataclass
 class Minibatch:
     size: int  # rows of the global minibatch: the loss is a mean over all of them
-    micro: list[torch.Tensor]  # this rank's rows to train (local indices), one tensor per forward/backward
+    micro: list[torch.Tensor]  # this rank's rows to train (local indices, CPU), one tensor per forward/backward
     skipped: torch.Tensor  # this rank's rows left out: zero advantage with beta 0, so exactly zero gradient
+    skipped_tokens: int = 0  # their completion tokens (the token-level clip fraction counts them)
+    idle: int = 0  # passes with nothing to train that this rank runs to keep in step with the others (fsdp)
 
 
 def make_plan(roll: Rollout, adv: torch.Tensor, cfg: Config, step: int, first: int, n_rows: int) -> list[Minibatch]:
     """Split the step's n_rows global rows, shuffled by the step's seed, into exactly gspo.num_minibatches
     near-equal minibatches (sizes differ by at most one); this rank holds global rows first .. first + len(roll) - 1.
-    With beta 0 a row of zero advantage contributes exactly nothing, so it gets no forward or backward."""
+    With beta 0 a row of zero advantage contributes exactly nothing, so it gets no forward or backward.
+    Under train.sharding fsdp every forward gathers weights from all ranks, so each rank runs as many passes per
+    minibatch as the busiest rank (the extra ones `idle`)."""
     g = cfg.gspo
     perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(step_seed(cfg.train.seed, step)))
     skip_zero = g.beta == 0
     nonzero = adv.detach().cpu() != 0
+    lens = roll.completion_mask.sum(1).cpu()  # the plan's one read of the device
     out = []
     for mb in torch.tensor_split(perm, g.num_minibatches):
         mine = mb[(mb >= first) & (mb < first + len(roll))] - first
         keep = nonzero[mine] if skip_zero else torch.ones(len(mine), dtype=torch.bool)
-        out.append(Minibatch(len(mb), micro_batches(mine[keep], roll, cfg.optim.micro_batch_tokens), mine[~keep]))
+        micro = micro_batches(mine[keep], lens, roll.prompt_ids.shape[1], cfg.optim.micro_batch_tokens)
+        out.append(Minibatch(len(mb), micro, mine[~keep], int(lens[mine[~keep]].sum())))
+    if cfg.train.sharding == "fsdp":
+        for mb, most in zip(out, distributed.max_ints([len(mb.micro) for mb in out], adv.device)):
+            mb.idle = most - len(mb.micro)
     return out
 
 
-def micro_batches(idx: torch.Tensor, roll: Rollout, budget: int) -> list[torch.Tensor]:
-    """Split rows so each forward/backward holds about `budget` tokens (padded width x rows)."""
+def micro_batches(idx: torch.Tensor, lens: torch.Tensor, prompt_width: int, budget: int) -> list[torch.Tensor]:
+    """Split rows into forward/backward passes of about `budget` tokens each (rows x padded width: the prompt
+    width plus the pass's longest completion). Rows go longest completion first, each pass taking as many as its
+    first row's width allows, so rows of similar length share a pass and little of it is padding. The loss sums
+    over rows, so the grouping changes only the order of float additions; old log-probs use the same passes."""
     if not len(idx):
         return []
-    width = roll.prompt_ids.shape[1] + int(roll.completion_mask[idx].sum(1).max())
-    rows = max(1, budget // max(1, width))
-    return [idx[i:i + rows] for i in range(0, len(idx), rows)]
+    order = idx[torch.sort(lens[idx], descending=True, stable=True).indices]
+    out, i = [], 0
+    while i < len(order):
+        n = max(1, budget // (prompt_width + max(1, int(lens[order[i]]))))
+        out.append(order[i:i + n])
+        i += n
+    return out
 
 
-def trimmed(roll: Rollout, idx: torch.Tensor):
-    """The rows of a micro-batch with all-padding prompt and completion columns cut off."""
-    pm, cm = roll.prompt_mask[idx], roll.completion_mask[idx]
-    p0 = int((pm.sum(0) > 0).nonzero()[0]) if pm.any() else pm.shape[1] - 1
-    t1 = max(1, int(cm.sum(1).max()))
-    return roll.prompt_ids[idx, p0:], pm[:, p0:], roll.completion_ids[idx, :t1], cm[:, :t1]
+@dataclass
+class Pass:
+    """One forward/backward: rows on the rollout's device, and the columns any of them uses."""
+    rows: torch.Tensor
+    prompt_from: int  # first prompt column holding a token of one of the rows (prompts are left-padded)
+    width: int  # completion columns up to the longest row's last token (at least 1)
+    idle: bool = False  # only keeps sharded ranks in step: its loss is weighted 0
+
+
+def passes(roll: Rollout, plan: list[Minibatch]) -> list[list[Pass]]:
+    """Each minibatch's passes, their columns from the rollout's host copy of its lengths and every row index sent
+    to the device in one copy, so the loop over passes never waits for the GPU. An idle pass runs row 0."""
+    plens, clens = (x.tolist() for x in roll.host_lengths())
+    P = roll.prompt_ids.shape[1]
+    idx = [m for mb in plan for m in mb.micro + [torch.zeros(1, dtype=torch.long)] * mb.idle]
+    idle = [j >= len(mb.micro) for mb in plan for j in range(len(mb.micro) + mb.idle)]
+    flat = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+    sizes = [len(m) for m in idx]
+    on_device, host = flat.to(roll.completion_ids.device).split(sizes), flat.tolist()
+    bounds = list(itertools.accumulate(sizes, initial=0))
+    made = [Pass(on_device[k], min(P - max(plens[r] for r in rows), P - 1), max(1, max(clens[r] for r in rows)),
+                 idle[k])
+            for k, rows in enumerate(host[a:b] for a, b in zip(bounds, bounds[1:]))]
+    out, k = [], 0
+    for mb in plan:
+        n = len(mb.micro) + mb.idle
+        out.append(made[k:k + n])
+        k += n
+    return out
+
+
+def trimmed(roll: Rollout, p: Pass):
+    """The pass's rows with all-padding prompt and completion columns cut off."""
+    return (roll.prompt_ids[p.rows, p.prompt_from:], roll.prompt_mask[p.rows, p.prompt_from:],
+            roll.completion_ids[p.rows, :p.width], roll.completion_mask[p.rows, :p.width])
 
 
 def autocast(device: torch.device):
@@ -88,15 +134,16 @@ def autocast(device: torch.device):
 def logprobs(model, roll: Rollout, plan: list[Minibatch], temperature: float) -> torch.Tensor:
     """(len(roll), T) log-probs of every planned row under `model`, no gradient, zero on rows not planned.
 
-    Computed micro-batch by micro-batch as the update computes them, in training mode (dropout is always off,
-    gspo.models): same shapes, same kernels, so before the first update the two agree exactly."""
+    Computed pass by pass as the update computes them, in training mode (dropout is always off, gspo.models):
+    same shapes, same kernels, so before the first update the two agree exactly."""
     device = roll.completion_ids.device
     out = torch.zeros(roll.completion_ids.shape, dtype=torch.float32, device=device)
     with torch.no_grad(), autocast(device):
-        for mb in plan:
-            for micro in mb.micro:
-                lp, _ = token_logprobs(model, *trimmed(roll, micro), temperature=temperature)
-                out[micro, :lp.shape[1]] = lp.float()
+        for mb_passes in passes(roll, plan):
+            for p in mb_passes:
+                lp, _ = token_logprobs(model, *trimmed(roll, p), temperature=temperature)
+                if not p.idle:
+                    out[p.rows, :p.width] = lp.float()
     return out
 
 
@@ -112,7 +159,18 @@ class UpdateResult:
 
 def params_norm(params: list[torch.Tensor]) -> float:
     """Total L2 norm of the parameters: one fused pass, one host read."""
-    return float(torch.nn.utils.get_total_norm([p.detach() for p in params]))
+    return float(distributed.total_norm([p.detach() for p in params]))
+
+
+def _zero_grad(opt, params: list[torch.nn.Parameter]) -> None:
+    opt.zero_grad(set_to_none=True)
+    for q in params:  # sharded, the optimizer holds views of the parameters, not the parameters themselves
+        q.grad = None
+
+
+def _check_norm(update: int, before: float, after: float) -> None:
+    if not math.isfinite(after) or after > 2 * before:
+        raise Diverged(f"update {update} took the weights' norm from {before:.4g} to {after:.4g}; lower optim.lr")
 
 
 def run_updates(model, opt, sched, params: list[torch.nn.Parameter], roll: Rollout, adv: torch.Tensor,
@@ -124,55 +182,60 @@ def run_updates(model, opt, sched, params: list[torch.nn.Parameter], roll: Rollo
     after cfg.train.max_consecutive_skips in a row (counting `consecutive_skips` before this step) it stops.
     After each applied update the parameters' norm is checked: non-finite, or more than doubled by one update,
     raises Diverged (the step's weights are not to be kept). `after_backward(model, update_index)` runs
-    after each update's backward passes, before the finite vote (gradient surgery, fault injection)."""
+    after each update's backward passes, before the finite vote (gradient surgery, fault injection).
+
+    The host reads the device once per update (the finite vote, the gradient norm and the previous update's
+    weight norm together), never per pass."""
     g, o = cfg.gspo, cfg.optim
     device = roll.completion_ids.device
     eps_low, eps_high = g.clip_range()
     mask = roll.completion_mask.float()
     res = UpdateResult()
     norm = params_norm(params) if norm_before is None else norm_before
-    for i, mb in enumerate(plan):
-        opt.zero_grad(set_to_none=True)
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        for micro in mb.micro:
-            pids, pm, cids, cm = trimmed(roll, micro)
-            T = cids.shape[1]
+    pending = None  # (update index, weight norm after it on the device) until the next host read checks it
+    for i, (mb, mb_passes) in enumerate(zip(plan, passes(roll, plan))):
+        _zero_grad(opt, params)
+        finite = torch.ones((), device=device)
+        for p in mb_passes:
+            rows, T = p.rows, p.width
             with autocast(device):
-                logp, _ = token_logprobs(model, pids, pm, cids, cm, temperature=g.temperature)
-            out = policy_loss(logp, old_logp[micro, :T], adv[micro], mask[micro, :T], level=g.importance_sampling_level,
+                logp, _ = token_logprobs(model, *trimmed(roll, p), temperature=g.temperature)
+            out = policy_loss(logp, old_logp[rows, :T], adv[rows], mask[rows, :T], level=g.importance_sampling_level,
                               eps_low=eps_low, eps_high=eps_high,
-                              ref_logp=None if ref_logp is None else ref_logp[micro, :T], beta=g.beta)
-            finite &= torch.isfinite(out.loss)
-            # Weighted by rows of the global minibatch: summing over micro-batches and ranks gives its mean.
-            (out.loss * (len(micro) / mb.size)).backward()
+                              ref_logp=None if ref_logp is None else ref_logp[rows, :T], beta=g.beta)
+            if p.idle:
+                (out.loss * 0).backward()
+                continue
+            finite = finite * torch.isfinite(out.loss)
+            # Weighted by rows of the global minibatch: summing over passes and ranks gives its mean.
+            (out.loss * (len(rows) / mb.size)).backward()
             res.stats = metrics.add(res.stats, out.stats)
         if len(mb.skipped):
-            n_tok = int(roll.completion_mask[mb.skipped].sum())
-            res.stats = metrics.add(res.stats, metrics.skipped_rows(len(mb.skipped), n_tok,
+            res.stats = metrics.add(res.stats, metrics.skipped_rows(len(mb.skipped), mb.skipped_tokens,
                                                                      g.importance_sampling_level == "token", mask))
         if after_backward is not None:
             after_backward(model, first_update + i)
-        for p in params:
+        for q in params:
             # No rows here (or on this rank): a zero gradient still moves AdamW's moments, as computing them
             # would, and every rank joins the gradient all-reduce with a tensor.
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        ok = distributed.all_finite(bool(finite), device)
-        grad_norm = float("nan")
-        if ok:
-            distributed.sum_gradients(params)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else math.inf))
-            ok = math.isfinite(grad_norm)
+            if q.grad is None:
+                q.grad = torch.zeros_like(q)
+        finite = distributed.all_min(finite)
+        distributed.sum_gradients(params)
+        total = distributed.total_norm([q.grad for q in params])
+        read = torch.stack([finite.double(), total.double()] + ([pending[1].double()] if pending else [])).tolist()
+        if pending:
+            _check_norm(pending[0], norm, read[2])
+            norm, pending = read[2], None
+        ok = read[0] > 0 and math.isfinite(read[1])
         res.lrs.append(sched.get_last_lr()[0])
         if ok:
+            if o.grad_clip > 0:
+                distributed.clip_gradients(params, o.grad_clip, total)
             opt.step()
-            res.grad_norms.append(grad_norm)
-            new_norm = params_norm(params)
-            if not math.isfinite(new_norm) or new_norm > 2 * norm:
-                raise Diverged(f"update {first_update + i} took the weights' norm from {norm:.4g} to {new_norm:.4g}; "
-                               "lower optim.lr")
-            norm = new_norm
-        opt.zero_grad(set_to_none=True)
+            res.grad_norms.append(read[1])
+            pending = (first_update + i, distributed.total_norm([q.detach() for q in params]))
+        _zero_grad(opt, params)
         with warnings.catch_warnings():
             # A skipped update still spends its place in the schedule; torch warns when no step came before.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
@@ -182,6 +245,10 @@ def run_updates(model, opt, sched, params: list[torch.nn.Parameter], roll: Rollo
         if consecutive_skips >= cfg.train.max_consecutive_skips:
             res.stopped = True
             break
+    if pending:
+        after = float(pending[1])
+        _check_norm(pending[0], norm, after)
+        norm = after
     res.stats = distributed.reduce_stats(res.stats, device)
     res.norm = norm
     return res

@@ -49,10 +49,15 @@ def test_flop_formulas_equal_torchs_count(gpu, checkpointing):
     assert (f["hardware"] > f["model"]) == checkpointing
 
 
-def test_smoke_runs_the_whole_step(tmp_path):
+@pytest.mark.parametrize("config", [None, "configs/qwen2.5-7b-h100.yaml"])
+def test_smoke_runs_the_whole_step(tmp_path, config):
+    """The default settings (fp32 on the CPU) and the real configuration's (bf16, 32 prompts x 4 completions,
+    micro_batch_tokens 8192, 8-bit AdamW with stochastic rounding) on the tiny architecture: every phase runs,
+    and the first update of every step is exactly on-policy."""
     out = tmp_path / "gpu.json"
-    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)], capture_output=True, text=True,
-                         timeout=300, cwd=ROOT)
+    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)] + (["--config", config] if config
+                                                                                         else []),
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
     ratio = float(lines[-1].removeprefix("ratio="))
@@ -62,10 +67,36 @@ def test_smoke_runs_the_whole_step(tmp_path):
     r = data["models"]["tiny"]
     assert "error" not in r, r.get("traceback")
     assert r["all_rows_full_length"] and r["decode_fraction_of_bound"] == pytest.approx(ratio, abs=1e-4)
-    assert r["optimizer"].endswith("RoundingAdamW")
+    assert r["optimizer"].endswith("RoundingAdamW") and r["decode"] == "eager"  # auto: eager on the CPU
     s = data["settings"]
+    assert (s["prompts_per_step"], s["group_size"], s["dtype"]) == ((32, 4, "bfloat16") if config else (1, 8, "auto"))
+    assert r["dtype"] == ("torch.bfloat16" if config else "torch.float32")
     for step in r["steps"]:
-        assert step["completion_tokens"] == s["group_size"] * s["new_tokens"]
+        assert step["completion_tokens"] == s["prompts_per_step"] * s["group_size"] * s["new_tokens"]
         assert step["micro_batches"] == s["num_minibatches"] and step["updates_applied"] == s["num_minibatches"]
         assert 0 < step["optimizer_s"] < step["update_s"]
+        assert step["first_update"] == {"ratio_min": 1.0, "ratio_max": 1.0, "clip_frac": 0.0}
     assert r["optimizer_state_bytes"] > 0 and 0 < r["update_mfu_model"] < r["update_mfu_hardware"]
+
+
+def test_gpu_check_smoke_runs_both_parts_and_writes_dated_results(tmp_path):
+    """bench/gpu_check.sh --smoke: the prepared GPU check's two parts on the CPU, results named by part, device
+    and date; without --smoke and without a GPU it refuses in one line."""
+    import os
+
+    script = ROOT / "bench" / "gpu_check.sh"
+    env = dict(os.environ, PYTHON=sys.executable)
+    run = subprocess.run(["bash", str(script), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (decode,), (step,) = sorted(tmp_path.glob("decode-cpu-*.json")), sorted(tmp_path.glob("step-cpu-*.json"))
+    assert decode.with_suffix(".log").read_text().strip().splitlines()[-1].startswith("ratio=")
+    d, s = json.loads(decode.read_text()), json.loads(step.read_text())
+    assert set(d["models"]["tiny"]["rows"]) == {"4", "12"} and d["exactness_fp32"]["static_changed_with_weights"]
+    assert s["settings"]["config"] == "configs/qwen2.5-7b-h100.yaml" and s["settings"]["prompts_per_step"] == 32
+    assert s["models"]["tiny"]["steps"][-1]["first_update"] == {"ratio_min": 1.0, "ratio_max": 1.0, "clip_frac": 0.0}
+    if not torch.cuda.is_available():
+        bare = subprocess.run(["bash", str(script), "--out", str(tmp_path / "gpu")], capture_output=True, text=True,
+                              timeout=120, env=env)
+        assert bare.returncode == 2 and bare.stderr.strip() == ("gpu_check: no CUDA device; --smoke runs the same "
+                                                                "code on the CPU")

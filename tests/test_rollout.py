@@ -80,3 +80,39 @@ def test_completion_mask_stops_after_the_first_eos():
     mask, truncated = completion_mask(ids, {1})
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert truncated.tolist() == [False, True, False]
+
+
+def test_decode_auto_is_eager_on_the_cpu_and_explicit_choices_stand(tiny):
+    from gspo.config import load_config
+    from gspo.rollout import resolve_decode
+
+    model, _ = tiny
+    assert load_config(None, []).gspo.decode == "auto"
+    assert resolve_decode("auto", model) == "eager"  # the static path is for CUDA graphs
+    assert resolve_decode("static", model) == "static" and resolve_decode("eager", model) == "eager"
+
+
+@pytest.mark.slow
+def test_evaluation_and_the_held_out_reward_decode_as_gspo_decode_says(tmp_path):
+    """Both generate through gspo.decode: static compiles its step (on the CPU too) and, in fp32, scores exactly
+    what the eager decoder scores."""
+    from torch._dynamo.utils import counters
+
+    from gspo.arithmetic import test_set
+    from gspo.config import load_config
+    from gspo.evaluate import evaluate_task
+    from gspo.scoring import greedy_reward
+
+    d = save_tiny(tmp_path / "m", seed=0)
+    model, tok = AutoModelForCausalLM.from_pretrained(d).eval(), load_tokenizer(d)
+    examples = test_set(6, 0, 20, "+-")
+    scores = {}
+    for decode in ("eager", "static"):
+        cfg = load_config(None, [f"gspo.decode={decode}", "gspo.max_new_tokens=20", "eval.max_new_tokens=20",
+                                 "eval.limit=6", "train.threads=1", "train.device=cpu"])
+        graphs = counters["stats"]["unique_graphs"]
+        held_out = greedy_reward(model, tok, examples, cfg)
+        task = evaluate_task(d, "arithmetic", cfg, predictions_path=tmp_path / f"{decode}.jsonl")
+        scores[decode] = (held_out, task["score"], (tmp_path / f"{decode}.jsonl").read_text())
+        assert (counters["stats"]["unique_graphs"] > graphs) == (decode == "static")
+    assert scores["eager"] == scores["static"]

@@ -293,3 +293,63 @@ class _FakeRoll:
 
     def __len__(self):
         return self.completion_mask.shape[0]
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts tensor reads by the host (item, bool, int, float, tolist, ...) made by gspo's own code: each one
+    waits for the GPU to finish what was queued before it."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import sys
+
+        if func in self.READS and Path(sys._getframe(1).f_code.co_filename).parent.name == "gspo":
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_updates_read_the_device_once_per_update_whatever_the_number_of_passes(tiny_dir):
+    """Old log-probs and the updates of a rollout, in one pass per update or one row per pass: gspo's own code
+    reads the device as often either way (rows are sorted by length into passes from a host copy of the masks)."""
+    from gspo import update
+    from gspo.advantages import group_advantages
+    from gspo.optim import make_optimizer, make_scheduler
+    from gspo.trainer import rollout
+
+    reads, passes = {}, {}
+    for budget in (100_000, 1):
+        cfg = load_config(None, SMALL + ["gspo.num_minibatches=2", f"optim.micro_batch_tokens={budget}",
+                                         "optim.optimizer=adamw", "gspo.max_new_tokens=8"])
+        torch.manual_seed(0)
+        model = load_model(tiny_dir, cfg.model, torch.device("cpu"))
+        tok = load_tokenizer(tiny_dir)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, cfg.optim)
+        sched = make_scheduler(opt, cfg.optim, 2)
+        roll = rollout(model, tok, ["1+2=", "3+4=", "10-2=", "7+7="], cfg, 0, 0, 16)
+        adv, _ = group_advantages(torch.arange(16.0), 4)
+        plan = update.make_plan(roll, adv, cfg, 0, 0, 16)
+        with _HostReads() as counted:
+            old = update.logprobs(model, roll, plan, 1.0)
+            res = update.run_updates(model, opt, sched, params, roll, adv, old, None, plan, cfg)
+        assert all(res.finite) and len(res.finite) == 2
+        reads[budget], passes[budget] = counted.n, sum(len(mb.micro) for mb in plan)
+    assert passes[1] == 16 > passes[100_000] == 2
+    assert reads[1] == reads[100_000], reads
+
+
+def test_passes_take_rows_longest_first_and_fill_the_token_budget():
+    from gspo import update
+
+    lens = torch.tensor([1, 9, 2, 8, 3, 7, 1, 9])  # completion lengths of rows 0..7
+    micro = update.micro_batches(torch.arange(8), lens, 2, 22)  # prompts 2 wide, 22 tokens per pass
+    # Widths 2 + 9, 2 + 8 and 2 + 3: 2, 2 and 4 rows; 62 padded tokens where taking rows as they come, two at a
+    # time (the widest pass's row count), pads to 82.
+    assert [m.tolist() for m in micro] == [[1, 7], [3, 5], [4, 2, 0, 6]]
+    assert update.micro_batches(torch.tensor([5]), lens, 2, 3)[0].tolist() == [5]  # a row alone may exceed it
