@@ -87,10 +87,10 @@ def policy_loss(
             r_min, r_max = torch.where(m, ratio, torch.inf).amin(), torch.where(m, ratio, -torch.inf).amax()
         else:  # over sequences; a GSPO-token sequence counts by the share of its tokens clipped
             count = lambda x: (x.to(dtype) if level == "sequence" else seq_mean(x.to(dtype))).sum()
-            den = n.new_tensor(float(B))
+            den = n.new_full((), float(B))
             r = log_s.exp()
             r_sum, r_min, r_max = r.sum(), r.amin(), r.amax()
-        stats = {"rows": n.new_tensor(float(B)), "loss": -per_seq.sum(), "clip_den": den, "clip": count(high | low),
+        stats = {"rows": n.new_full((), float(B)), "loss": -per_seq.sum(), "clip_den": den, "clip": count(high | low),
                  "clip_low": count(low), "clip_high": count(high), "ratio_sum": r_sum, "ratio_n": den,
                  "ratio_min": r_min, "ratio_max": r_max}
 
