@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from gspo.io import atomic_file
+from gspo.task_table import EVAL_TASKS, TASKS
+
 
 def opt(default: Any, help: str, choices: tuple | None = None):
     """A dataclass field with its help line (and allowed values) kept in the metadata."""
@@ -39,7 +42,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = opt("arithmetic", "training data", ("arithmetic", "gsm8k", "humaneval", "hellaswag", "custom"))
+    source: str = opt("arithmetic", "training data", tuple(TASKS))
     path: str | None = opt(None, "local file for the source; None loads the hub dataset (arithmetic needs none)")
     reward: str | None = opt(None, "reward name for custom data; other sources use their own")
     train_size: int = opt(0, "training examples (0 keeps all)")
@@ -111,7 +114,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: list = opt(["arithmetic"], "tasks scored for base and trained models: arithmetic, gsm8k, humaneval, hellaswag")
+    tasks: list = opt(["arithmetic"], f"tasks scored for base and trained models: {', '.join(EVAL_TASKS)}")
     limit: int = opt(200, "examples per task (0 keeps all)")
     batch_size: int = opt(32, "generation / scoring batch size")
     max_new_tokens: int = opt(32, "generation length for generative tasks")
@@ -171,6 +174,10 @@ class Config:
             (self.train.steps >= 0, "train.steps", "must be >= 0"),
             (self.data.train_size >= 0 and self.data.eval_size >= 0, "data.train_size/eval_size", "must be >= 0"),
             (set(self.data.arithmetic_ops) <= set("+-*") and self.data.arithmetic_ops, "data.arithmetic_ops", "must use only + - *"),
+            (self.eval.tasks and all(t in EVAL_TASKS for t in self.eval.tasks), "eval.tasks",
+             f"must be one or more of {', '.join(EVAL_TASKS)}, got {self.eval.tasks}"),
+            (self.pipeline.gate_metric in self.eval.tasks, "pipeline.gate_metric",
+             f"{self.pipeline.gate_metric!r} is not one of eval.tasks ({', '.join(map(str, self.eval.tasks))})"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -274,10 +281,8 @@ def config_from_dict(d: dict) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def describe() -> list[tuple[str, Any, str]]:
