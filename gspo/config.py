@@ -130,6 +130,8 @@ class EvalConfig:
 class PipelineConfig:
     artifact_root: str = opt(".gspo/artifacts", "where every stage writes its hashed output directory")
     mlflow_tracking_uri: str = opt("sqlite:///.gspo/mlflow.db", "MLflow tracking store; any URI, an mlflow server included")
+    mlflow_wait: float = opt(120.0, "seconds a run waits for an MLflow store that does not answer before it fails "
+                                    "(shorter outages, such as a server restart, are bridged)")
     experiment: str = opt("gspo", "MLflow experiment name")
     registered_model: str = opt("gspo-demo", "MLflow registered model name")
     gate_metric: str = opt("arithmetic", "evaluation task whose trained score decides promotion")
@@ -176,6 +178,7 @@ class Config:
             (set(self.data.arithmetic_ops) <= set("+-*") and self.data.arithmetic_ops, "data.arithmetic_ops", "must use only + - *"),
             (self.eval.tasks and all(t in EVAL_TASKS for t in self.eval.tasks), "eval.tasks",
              f"must be one or more of {', '.join(EVAL_TASKS)}, got {self.eval.tasks}"),
+            (self.pipeline.mlflow_wait >= 0, "pipeline.mlflow_wait", "must be >= 0"),
             (self.pipeline.gate_metric in self.eval.tasks, "pipeline.gate_metric",
              f"{self.pipeline.gate_metric!r} is not one of eval.tasks ({', '.join(map(str, self.eval.tasks))})"),
         ]

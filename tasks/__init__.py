@@ -14,6 +14,9 @@ _DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # The pipeline bridges a store outage itself, within pipeline.mlflow_wait (tasks/store.py); MLflow's own
+    # retries back off for minutes per request.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     # transformers draws a bar for every load and save; the stages draw their own.
