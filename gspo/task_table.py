@@ -29,6 +29,7 @@ class Task:
     eval_path: str | None = None  # the eval.* field naming its local evaluation file
     reads: dict[str, list[str]] = field(default_factory=dict)  # config fields its evaluation reads beyond EVAL_READS
     workers: int = 1  # completions its reward judges at once in training (threads: sandboxed programs wait on processes)
+    meaning: str = ""  # what its evaluation score is, for reports; {n} is the number of examples scored
 
     def load(self) -> Callable:
         module, fn = self.loader.split(":")
@@ -39,11 +40,18 @@ class Task:
 TASKS: dict[str, Task] = {t.name: t for t in [
     Task("humaneval", "humaneval", "code", "gspo.data:load_humaneval", "test", "humaneval_path",
          {"eval": ["max_new_tokens", "humaneval_samples", "code_timeout", "workers"], "gspo": ["temperature", "top_p"]},
-         workers=4),
-    Task("gsm8k", "gsm8k", "generate", "gspo.data:load_gsm8k", "test", "gsm8k_path", {"eval": ["max_new_tokens"]}),
-    Task("hellaswag", "hellaswag", "choice", "gspo.data:load_hellaswag", "validation", "hellaswag_path"),
+         workers=4, meaning="pass@1: the share of {n} HumanEval problems whose completion passes the problem's "
+                            "unit tests, run in the sandbox"),
+    Task("gsm8k", "gsm8k", "generate", "gspo.data:load_gsm8k", "test", "gsm8k_path", {"eval": ["max_new_tokens"]},
+         meaning="accuracy: the share of {n} GSM8K test problems whose final answer equals the reference "
+                 "(exact rational comparison)"),
+    Task("hellaswag", "hellaswag", "choice", "gspo.data:load_hellaswag", "validation", "hellaswag_path",
+         meaning="acc_norm: the share of {n} HellaSwag contexts where the ending with the highest "
+                 "log-likelihood per character is the right one"),
     Task("arithmetic", "arithmetic", "generate", None, "test", None,
-         {"eval": ["max_new_tokens"], "data": ["seed", "eval_size", "arithmetic_max_operand", "arithmetic_ops"]}),
+         {"eval": ["max_new_tokens"], "data": ["seed", "eval_size", "arithmetic_max_operand", "arithmetic_ops"]},
+         meaning="exact-match accuracy of the greedy answer on {n} held-out arithmetic problems that no stage "
+                 "trains on"),
     Task("custom", None, None, "gspo.data:load_custom"),
 ]}
 EVAL_TASKS = tuple(name for name, t in TASKS.items() if t.evaluation)
