@@ -241,7 +241,7 @@ def test_two_configs_at_once_keep_their_own_artifacts_and_runs(space):
     lrs = ("7e-4", "9e-4")
     env = dict(os.environ, PREFECT_API_URL=space["api_url"], PYTHONUNBUFFERED="1")
     MlflowClient(space["uri"]).search_experiments()  # an existing store, as in production: created and migrated once
-    procs = [subprocess.Popen([sys.executable, "-m", "gspo.cli", "run"]
+    procs = [subprocess.Popen([sys.executable, "-m", "gspo_cli", "run"]
                               + sum((["--set", o] for o in space["base"] + [f"pipeline.registered_model={name}",
                                                                             f"optim.lr={lr}", f"warm_start.steps={ws}",
                                                                             "train.steps=2"]), []),
