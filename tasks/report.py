@@ -57,13 +57,14 @@ def curves_figure(runs: dict[str, list[dict]], path: Path) -> None:
 
 
 def scores_figure(results: dict, names: dict[str, str], path: Path) -> None:
-    """Per task, one bar per scored model."""
+    """Per task, one bar per scored model (base in grey; the trained ones in the curves' colours)."""
     fig = Figure(figsize=(max(4, 1.2 * len(names) * len(results) + 1.5), 3.5), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / len(names)
     for i, (label, name) in enumerate(names.items()):
         vals = [results[t][label]["score"] for t in results]
-        bars = ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(results))], vals, width, label=name)
+        bars = ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(results))], vals, width, label=name,
+                      color="0.6" if label == "base" else f"C{i - ('base' in names)}")
         ax.bar_label(bars, [f"{v:.3f}" for v in vals], fontsize="small")
     ax.set_xticks(range(len(results)), list(results))
     ax.set_ylabel("score")
