@@ -110,17 +110,18 @@ def _signal_all(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
-def run_worker(pool: str, limit: int | None, grace: float = 60) -> int:
-    """A Prefect process worker on `pool` until SIGTERM or SIGINT. Then it takes no new flow runs and passes
-    SIGTERM to the ones it runs (each closes its flow run and MLflow run as crashed, keeping finished stages
-    for a retry), waits up to `grace` seconds for them, and exits 0; a second signal kills them and exits.
+def run_worker(pool: str, limit: int | None, grace: float = 120) -> int:
+    """A Prefect process worker on `pool` until SIGTERM or SIGINT. Then it passes SIGTERM to the flow runs it
+    runs (each closes its flow run as crashed and its MLflow run as failed, keeping finished stages for a
+    retry), waits up to `grace` seconds for them, stops polling and exits 0; a second signal kills them and
+    exits at once.
 
     (`prefect worker start` forwards SIGTERM to itself as SIGINT and then ignores both while it waits.)"""
     from prefect.workers.process import ProcessWorker
 
     async def main() -> int:
         work = asyncio.ensure_future(ProcessWorker(work_pool_name=pool, limit=limit).start())
-        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
         signals: list[int] = []
 
         def stop(sig: int) -> None:
@@ -128,19 +129,25 @@ def run_worker(pool: str, limit: int | None, grace: float = 60) -> int:
             if len(signals) > 1:
                 _signal_all(_children(os.getpid()), signal.SIGKILL)
                 os._exit(128 + sig)
-            print(f"worker: {signal.Signals(sig).name}: taking no new flow runs, stopping the running ones",
-                  file=sys.stderr, flush=True)
-            _signal_all(_children(os.getpid()), signal.SIGTERM)
-            work.cancel()
+            print(f"worker: {signal.Signals(sig).name}: stopping the running flow runs", file=sys.stderr, flush=True)
+            stopping.set()
 
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop, sig)
-        with contextlib.suppress(asyncio.CancelledError):
-            await work
+        await asyncio.wait([work, asyncio.ensure_future(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
+        # Each flow run gets one SIGTERM (a second one would cut its crash report short), also one that the
+        # worker started after the signal; the worker keeps running meanwhile, so their states reach the server.
+        signalled: set[int] = set()
         deadline = time.monotonic() + grace
         while (running := _children(os.getpid())) and time.monotonic() < deadline:
+            _signal_all([p for p in running if p not in signalled], signal.SIGTERM)
+            signalled.update(running)
             await asyncio.sleep(0.5)
-        _signal_all(running, signal.SIGKILL)
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        _signal_all(_children(os.getpid()), signal.SIGKILL)
         print("worker: stopped", file=sys.stderr, flush=True)
         return 0
 

@@ -3,6 +3,7 @@
 Importing this package sets offline-friendly defaults before Prefect or MLflow read their settings, so it
 must come before `import prefect` (flows/__init__.py imports it first). Values already in the environment win.
 """
+import logging
 import os
 
 _DEFAULTS = {
@@ -25,5 +26,7 @@ _DEFAULTS = {
 }
 for _k, _v in _DEFAULTS.items():
     os.environ.setdefault(_k, _v)
+# bitsandbytes warns on every import that an optional 4-bit kernel package is missing; 8-bit AdamW never uses it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # The temporary server cannot create its database in a directory that does not exist yet.
 os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
