@@ -15,6 +15,8 @@ _DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # MLflow writes "View run ... at: URL" to stdout when a run on a server ends; gspo's stdout is its summary.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     # The pipeline bridges a store outage itself, within pipeline.mlflow_wait (tasks/store.py); MLflow's own
     # retries back off for minutes per request.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",

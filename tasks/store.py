@@ -68,7 +68,7 @@ def patiently(uri: str, wait: float, fn, *args, **kwargs) -> Any:
             if since == now:
                 log.warning("MLflow tracking store %s does not answer; waiting up to %g s for it", uri, wait)
             time.sleep(min(delay, since + wait - now))
-            delay = min(2 * delay, 10.0)
+            delay = min(2 * delay, 5.0)
             continue
         if _down_since.pop(uri, None) is not None:
             log.warning("MLflow tracking store %s answers again", uri)
