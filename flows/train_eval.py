@@ -63,7 +63,7 @@ def train_eval(config_path: str | None = None, overrides: list[str] | None = Non
         runs = {"trained": stage(train.train_policy, root)(pick(cfg, train.READS), _weights(reference), splits, root,
                                                            "gspo", progress)}
         tracking.log_step_metrics(ml, run_id, runs["trained"]["metrics"])
-        if p.compare_grpo:
+        if p.compare_grpo and cfg.gspo.importance_sampling_level != "token":  # a GRPO run is its own baseline
             runs["grpo"] = stage(train.train_policy, root)(pick(grpo_config(cfg), train.READS), _weights(reference),
                                                            splits, root, "grpo", progress)
             tracking.log_step_metrics(ml, run_id, runs["grpo"]["metrics"], "grpo/")

@@ -177,8 +177,9 @@ def _flow_run(flow, params: dict | None, flow_run_id: str | None):
 
 
 def cmd_worker(args) -> int:
-    """A Prefect process worker for the deployments of prefect.yaml. SIGTERM or SIGINT stop it cleanly: no
-    new flow runs, the running ones closed as crashed (their finished stages kept for a retry)."""
+    """A Prefect process worker for the deployments of prefect.yaml. SIGTERM or SIGINT stop it cleanly: its
+    flow runs are closed as crashed (finished stages kept for a retry) and it exits; a second signal kills
+    them at once."""
     from gspo_cli.processes import run_worker
 
     if not os.environ.get("PREFECT_API_URL"):
@@ -368,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     # An optional 4-bit kernel package that 8-bit AdamW never uses; bitsandbytes warns about it on every import.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
-        return args.fn(args)
+        rc = args.fn(args)
+        sys.stdout.flush()  # so a reader that went away shows here, not as a traceback at interpreter exit
+        return rc
     except BrokenPipeError:
         # The reader went away (`gspo config --fields | head`): stop quietly, like any filter.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
