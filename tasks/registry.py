@@ -14,13 +14,12 @@ import subprocess
 from pathlib import Path
 
 import mlflow.artifacts
-from mlflow.exceptions import MlflowException
 from prefect import runtime, task
 from prefect.cache_policies import NO_CACHE
 
 from gspo.resolve import dir_hash
 from tasks.common import CACHE, build, cached, output_dir
-from tasks.store import Client, client, patiently
+from tasks.store import Client, client, lost_a_race, patiently
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +60,8 @@ def register_checkpoint(tracking_uri: str, wait: float, name: str, checkpoint: d
         if not c.search_registered_models(f"name = '{name}'"):
             try:
                 c.create_registered_model(name, description="GSPO checkpoints; alias champion is the promoted one")
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another artifact root's run made it first
+            except Exception as e:
+                if not lost_a_race(e):  # a run on another artifact root made it first
                     raise
         found = c.search_model_versions(f"name = '{name}' and tags.checkpoint_hash = '{checkpoint['hash']}'")
         if found:

@@ -47,6 +47,13 @@ def _unreachable(e: BaseException) -> bool:
                or (isinstance(x, MlflowException) and x.get_http_status_code() in (502, 503, 504)) for x in chain)
 
 
+def lost_a_race(e: Exception) -> bool:
+    """Another run created the same row first (two runs of one config at once): experiment, registered model,
+    dataset. MLflow's get-or-create is not atomic; looking again finds the other run's row."""
+    return isinstance(e, MlflowException) and (e.error_code == "RESOURCE_ALREADY_EXISTS"
+                                               or "unique constraint" in str(e).lower())
+
+
 def patiently(uri: str, wait: float, fn, *args, **kwargs) -> Any:
     """fn(*args, **kwargs), retried while the store at `uri` is unreachable and the outage is younger than
     `wait` seconds."""
@@ -91,8 +98,8 @@ class Client:
 
 @contextlib.contextmanager
 def locked(uri: str):
-    """Held while a sqlite store is created or its experiment and registered model are made: two first runs
-    in an empty directory otherwise both run MLflow's schema migration on one file, and one of them fails."""
+    """Held while a sqlite store is created: two first runs in an empty directory otherwise both run MLflow's
+    schema migration on one file, and one of them fails."""
     if not uri.startswith(SQLITE):
         yield
         return
@@ -106,8 +113,9 @@ def locked(uri: str):
 @functools.cache
 def client(uri: str, wait: float) -> Client:
     """The client of a tracking URI (absolute: see tracking_uri), its store created if it is new."""
-    c = Client(tracking_uri(uri), wait)
-    with locked(c.uri):  # the first calls on a new sqlite file create and migrate its tables
+    uri = tracking_uri(uri)
+    with locked(uri):  # MLflow creates and migrates a new sqlite file's tables in the client and its first calls
+        c = Client(uri, wait)
         c.search_experiments(max_results=1)
         c.search_registered_models(max_results=1)
     return c

@@ -23,7 +23,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from gspo.config import Config, save_config
 from gspo.io import read_jsonl
-from tasks.store import SQLITE, Client, client, locked
+from tasks.store import SQLITE, Client, client, lost_a_race
 
 FLOW_RUN_TAG = "prefect.flow_run_id"
 OWNER_TAGS = ("gspo.host", "gspo.pid", "gspo.pid_started")
@@ -44,14 +44,18 @@ def _owner() -> dict[str, str]:
 
 
 def _experiment(c: Client, name: str) -> str:
-    with locked(c.uri):  # two first runs would both create it, and the second would fail
-        exp = c.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        location = None
-        if c.uri.startswith(SQLITE):  # artifacts beside the database, not in ./mlruns of whatever directory
-            location = (Path(c.uri[len(SQLITE):]).parent / "mlartifacts").as_uri()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if c.uri.startswith(SQLITE):  # artifacts beside the database, not in ./mlruns of whatever directory
+        location = (Path(c.uri[len(SQLITE):]).parent / "mlartifacts").as_uri()
+    try:
         return c.create_experiment(name, artifact_location=location)
+    except Exception as e:
+        if not lost_a_race(e):
+            raise
+        return c.get_experiment_by_name(name).experiment_id
 
 
 def close_orphans(c: Client, exp: str) -> list[str]:
@@ -113,7 +117,12 @@ def log_datasets(c: Client, run_id: str, data: dict) -> None:
             source = resolve_dataset_source(entry["path"])
         ds = MetaDataset(source, name=f"{split}-{entry['sha'][:8]}", digest=entry["sha"][:16])
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
-    c.log_inputs(run_id, datasets=inputs)
+    try:
+        c.log_inputs(run_id, datasets=inputs)
+    except Exception as e:
+        if not lost_a_race(e):
+            raise
+        c.log_inputs(run_id, datasets=inputs)
 
 
 def log_step_metrics(c: Client, run_id: str, path: str, prefix: str = "") -> None:
