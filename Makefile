@@ -1,11 +1,18 @@
 # Two entry points for a fresh machine: `make demo` (the main job, offline) and `make test`.
+# For the Prefect UI, schedules and deployments: `make server`, `make deploy`, `make worker`, each in its own
+# terminal but deploy; `make mlflow-ui` shows the runs and the registry. All use the .venv that setup makes.
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of PyTorch; on a CUDA machine set TORCH_SPEC to the build that matches your driver.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# The Prefect server these targets run and talk to, its database under .gspo like the temporary one of gspo run.
+PREFECT_PORT ?= 4200
+PREFECT := PREFECT_HOME=$(CURDIR)/.gspo/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false \
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api
+MLFLOW_PORT ?= 5000
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean server deploy worker mlflow-ui
 
 setup: $(VENV)/.installed
 
@@ -21,6 +28,24 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Prefect server and UI at http://127.0.0.1:$(PREFECT_PORT)
+server: setup
+	env $(PREFECT) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# The gspo-process work pool and the deployments of prefect.yaml (train-eval is scheduled nightly: see README)
+deploy: setup
+	env $(PREFECT) $(BIN)/prefect work-pool inspect gspo-process >/dev/null 2>&1 || \
+		env $(PREFECT) $(BIN)/prefect --no-prompt work-pool create gspo-process --type process
+	env $(PREFECT) $(BIN)/prefect --no-prompt deploy --all
+
+# Runs the deployments' flow runs from this checkout; Ctrl-C or SIGTERM stop it cleanly
+worker: setup
+	env $(PREFECT) GSPO_PROJECT_DIR=$(CURDIR) $(BIN)/gspo worker --pool gspo-process
+
+# MLflow UI on the pipeline's default store at http://127.0.0.1:$(MLFLOW_PORT)
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.gspo/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf .gspo runs

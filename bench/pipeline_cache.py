@@ -2,7 +2,8 @@
 
 Both runs use one temporary workspace (artifact root, MLflow sqlite store, PREFECT_HOME) and the temporary
 local Prefect server, started before timing so neither run pays for it. The second run should find every
-stage cached and only log into a new MLflow run. The last line is `ratio=<cached seconds over uncached>`.
+file stage cached, ask the registry again (registration and the promotion gate are never cached) and log
+into a new MLflow run. The last line is `ratio=<cached seconds over uncached>`.
 
     python bench/pipeline_cache.py [--config FILE] [--set section.field=value ...]
 """

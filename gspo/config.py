@@ -18,6 +18,9 @@ from typing import Any, Callable
 
 import yaml
 
+from gspo.io import atomic_file
+from gspo.task_table import EVAL_TASKS, TASKS
+
 
 # Importance-sampling levels and their default clip ranges (eps_low, eps_high): GSPO's paper uses 3e-4 / 4e-4
 # for its sequence-level ratio; GRPO's token ratios use PPO's 0.2.
@@ -73,7 +76,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = opt("arithmetic", "training data", ("arithmetic", "gsm8k", "humaneval", "hellaswag", "custom"))
+    source: str = opt("arithmetic", "training data", tuple(TASKS))
     path: str | None = opt(None, "local file for the source; None loads the hub dataset (arithmetic needs none)")
     reward: str | None = opt(None, "reward name for custom data; other sources use their own")
     train_size: int = opt(0, "training examples (0 keeps all)", ge=0)
@@ -165,7 +168,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: list = opt(["arithmetic"], "tasks scored for base and trained models: arithmetic, gsm8k, humaneval, hellaswag")
+    tasks: list = opt(["arithmetic"], f"tasks scored for base and trained models: {', '.join(EVAL_TASKS)}",
+                      check=(lambda v: len(v) > 0 and all(t in EVAL_TASKS for t in v),
+                             f"must be one or more of {', '.join(EVAL_TASKS)}"))
     limit: int = opt(200, "examples per task (0 keeps all)", ge=0)
     batch_size: int = opt(32, "generation / scoring batch size", ge=1)
     max_new_tokens: int = opt(32, "generation length for generative tasks", ge=1)
@@ -182,6 +187,8 @@ class EvalConfig:
 class PipelineConfig:
     artifact_root: str = opt(".gspo/artifacts", "where every stage writes its hashed output directory")
     mlflow_tracking_uri: str = opt("sqlite:///.gspo/mlflow.db", "MLflow tracking store; any URI, an mlflow server included")
+    mlflow_wait: float = opt(120.0, "seconds a run waits for an MLflow store that does not answer before it fails "
+                                    "(shorter outages, such as a server restart, are bridged)", ge=0)
     experiment: str = opt("gspo", "MLflow experiment name")
     registered_model: str = opt("gspo-demo", "MLflow registered model name")
     gate_metric: str = opt("arithmetic", "evaluation task whose trained score decides promotion")
@@ -230,6 +237,9 @@ class Config:
             if clash:
                 raise ConfigError(f"invalid config: train.sharding=fsdp does not work with {', '.join(clash)} (fsdp "
                                   "needs optim.optimizer=adamw, model.lora_r=0 and gspo.decode auto or eager)")
+        if self.pipeline.gate_metric not in self.eval.tasks:
+            raise ConfigError(f"invalid config value pipeline.gate_metric: {self.pipeline.gate_metric!r} is not one of "
+                              f"eval.tasks ({', '.join(map(str, self.eval.tasks))})")
         if g.num_minibatches > rows:
             raise ConfigError(f"invalid config value gspo.num_minibatches: {g.num_minibatches} updates need at least "
                               f"as many rows, and a step has prompts_per_step * group_size = {rows}")
@@ -328,10 +338,8 @@ def config_from_dict(d: dict) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def describe() -> list[tuple[str, Any, str]]:

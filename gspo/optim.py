@@ -18,7 +18,6 @@ fp32 parameters (CPU training, LoRA adapters) are updated directly.
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -27,8 +26,6 @@ from gspo.config import OptimConfig
 
 
 def _rounding_adamw():
-    # bitsandbytes warns on import that an optional 4-bit CPU kernel package is missing: 4-bit is never used here.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes as bnb
 
     class RoundingAdamW(bnb.optim.AdamW):

@@ -5,14 +5,12 @@ would load a hub model. No network is touched.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from gspo.arithmetic import problem_space
+from gspo.io import atomic_dir
 
 SPECIALS = ["<|pad|>", "<|endoftext|>", "<|bos|>"]
 
@@ -72,20 +70,9 @@ def save_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, replace=False) as tmp:  # a concurrent writer's copy is identical
         tok = build_tokenizer()
         model = build_model(len(tok), seed=seed)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:  # another process built it first; theirs is identical
-            if not (out_dir / "config.json").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -112,15 +112,26 @@ RESUMABLE_CHANGES = {"train": {"progress", "threads", "device", "checkpoint_ever
 RUN_RECORD = "run.json"
 
 
+def resume_sections(cfg: Config) -> dict:
+    """The config a run's result depends on: what must be equal for one run to continue another."""
+    d = cfg.to_dict()
+    out = {k: {f: v for f, v in d[k].items() if f not in RESUMABLE_CHANGES.get(k, set())}
+           for k in ("model", "data", "warm_start", "gspo", "optim", "train")}
+    out["eval"] = {"code_timeout": d["eval"]["code_timeout"]}  # it decides code rewards
+    return out
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """`section.field: old -> new` for every field of two resume_sections() that differs."""
+    return [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}" for sec, fields in new.items()
+            for k, v in fields.items() if old.get(sec, {}).get(k) != v]
+
+
 def run_record(cfg: Config, model_dir: Path, train_examples: list[Example]) -> dict:
     """What a run trains: the config sections training reads and fingerprints of its model and data."""
-    d = cfg.to_dict()
-    sections = {k: {f: v for f, v in d[k].items() if f not in RESUMABLE_CHANGES.get(k, set())}
-                for k in ("model", "data", "warm_start", "gspo", "optim", "train")}
-    sections["eval"] = {"code_timeout": d["eval"]["code_timeout"]}  # it decides code rewards
     data = b"".join(json.dumps(e.to_dict(), sort_keys=True).encode() + b"\n" for e in train_examples)
     files = sorted((str(f.relative_to(model_dir)), f.stat().st_size) for f in Path(model_dir).rglob("*") if f.is_file())
-    return {"config": sections, "train_data_sha256": hashlib.sha256(data).hexdigest(),
+    return {"config": resume_sections(cfg), "train_data_sha256": hashlib.sha256(data).hexdigest(),
             "model_files": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
 
 
@@ -130,8 +141,7 @@ def check_same_run(out_dir: Path, record: dict) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text())
-    diff = [f"{sec}.{k}: {old['config'].get(sec, {}).get(k)!r} -> {v!r}" for sec, fields in record["config"].items()
-            for k, v in fields.items() if old["config"].get(sec, {}).get(k) != v]
+    diff = differences(old["config"], record["config"])
     diff += [f"{k} changed" for k in ("train_data_sha256", "model_files") if old.get(k) != record[k]]
     if diff:
         raise ValueError(f"{out_dir} holds a run of another training configuration ({'; '.join(diff[:6])}"

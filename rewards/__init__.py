@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -23,9 +24,6 @@ class RewardResult:
 
 RewardFn = Callable[[str, Any], RewardResult]
 _REGISTRY: dict[str, RewardFn] = {}
-# Rewards live in their own modules; importing one registers its task names.
-_MODULES = {"arithmetic": "rewards.arithmetic", "gsm8k": "rewards.math", "math": "rewards.math",
-            "humaneval": "rewards.code", "hellaswag": "rewards.choice", "choice": "rewards.choice"}
 
 
 def register(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -35,17 +33,25 @@ def register(name: str) -> Callable[[RewardFn], RewardFn]:
     return deco
 
 
+def _import_all() -> None:
+    """Rewards live in the modules of this package and register their names when imported; importing them
+    all (once, on the first name not registered yet) keeps the decorators the only list of rewards."""
+    for m in pkgutil.iter_modules(__path__):
+        if not m.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{m.name}")
+
+
 def get(name: str) -> RewardFn:
-    if name not in _REGISTRY and name in _MODULES:
-        importlib.import_module(_MODULES[name])
     if name not in _REGISTRY:
-        known = sorted(set(_REGISTRY) | set(_MODULES))
-        raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(known)}")
+        _import_all()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(names())}")
     return _REGISTRY[name]
 
 
 def names() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_MODULES))
+    _import_all()
+    return sorted(_REGISTRY)
 
 
 def _checked(name: str, options: dict) -> RewardFn:

@@ -3,6 +3,7 @@
 Importing this package sets offline-friendly defaults before Prefect or MLflow read their settings, so it
 must come before `import prefect` (flows/__init__.py imports it first). Values already in the environment win.
 """
+import logging
 import os
 
 _DEFAULTS = {
@@ -14,6 +15,11 @@ _DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # MLflow writes "View run ... at: URL" to stdout when a run on a server ends; gspo's stdout is its summary.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    # The pipeline bridges a store outage itself, within pipeline.mlflow_wait (tasks/store.py); MLflow's own
+    # retries back off for minutes per request.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     # transformers draws a bar for every load and save; the stages draw their own.
@@ -22,5 +28,7 @@ _DEFAULTS = {
 }
 for _k, _v in _DEFAULTS.items():
     os.environ.setdefault(_k, _v)
+# bitsandbytes warns on every import that an optional 4-bit kernel package is missing; 8-bit AdamW never uses it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # The temporary server cannot create its database in a directory that does not exist yet.
 os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)

@@ -8,7 +8,7 @@ from prefect import task
 
 from gspo.config import config_from_dict
 from gspo.data import prepare_splits, write_snapshot
-from tasks.common import CACHE, FilesRead, build, output_dir
+from tasks.common import CACHE, FilesRead, build, cached, output_dir
 
 READS = {"data": True, "warm_start": True}
 SPLITS = ("train", "held_out", "warm_start")
@@ -18,7 +18,7 @@ def _data_files(inputs: dict) -> list:
     return [inputs["cfg"]["data"]["path"]]
 
 
-@task(name="prepare-data", cache_policy=CACHE + FilesRead(files=_data_files), persist_result=True,
+@task(name="prepare-data", cache_policy=cached("data", CACHE + FilesRead(files=_data_files)), persist_result=True,
       result_serializer="json")
 def prepare_data(cfg: dict, root: str) -> dict:
     """{"hash", "train" | "held_out" | "warm_start": {"path", "sha", "n"}}: content-hashed JSONL snapshots;

@@ -1,24 +1,27 @@
-"""Stages 4 and 9: the checkpoint as a version of an MLflow registered model, and the promotion gate."""
+"""Stages 4 and 9: the checkpoint as a version of an MLflow registered model, and the promotion gate.
+
+Both state facts about the registry, which can change under the pipeline (another run moves an alias, the
+store is lost or replaced by an empty one), so neither is served from Prefect's cache: every run asks the
+registry and acts idempotently (a checkpoint already registered keeps its version, found by its hash).
+"""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.metadata
+import json
 import subprocess
 from pathlib import Path
 
 import mlflow.artifacts
-from mlflow import MlflowClient
 from prefect import runtime, task
+from prefect.cache_policies import NO_CACHE
 
 from gspo.resolve import dir_hash
-from tasks.common import CACHE, build, output_dir
+from tasks.common import CACHE, build, cached, output_dir
+from tasks.store import Client, client, lost_a_race, patiently
 
 PROJECT = Path(__file__).resolve().parents[1]
-RETRY = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}  # a busy database or tracking server
-
-
-def client(tracking_uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def code_version() -> str:
@@ -32,24 +35,34 @@ def code_version() -> str:
         return importlib.metadata.version("gspo-pipeline")
 
 
-def aliases(c: MlflowClient, name: str) -> dict[str, str]:
+def aliases(c: Client, name: str) -> dict[str, str]:
     """alias -> version of a registered model ({} when the model does not exist yet)."""
     found = c.search_registered_models(f"name = '{name}'")
     return {k: str(v) for k, v in found[0].aliases.items()} if found else {}
 
 
-@task(name="register-checkpoint", cache_policy=CACHE - "lineage" - "run_id", persist_result=True,
-      result_serializer="json", **RETRY)
-def register_checkpoint(tracking_uri: str, name: str, checkpoint: dict, lineage: dict, run_id: str, root: str) -> dict:
+def settings_hash(reads: dict) -> str:
+    """Hash of the config an evaluation reads (tasks.common.pick of gspo.task_table.evaluation_reads): two
+    scores are comparable exactly when these are equal."""
+    return hashlib.sha256(json.dumps(reads, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@task(name="register-checkpoint", cache_policy=NO_CACHE, persist_result=False)
+def register_checkpoint(tracking_uri: str, wait: float, name: str, checkpoint: dict, lineage: dict, run_id: str,
+                        root: str) -> dict:
     """{"name", "version", "source"}: `checkpoint` ({"dir", "hash"}) logged as the MLflow run's `checkpoint`
     artifacts and registered as a version of `name`, tagged with its lineage and aliased `candidate`.
     The same checkpoint registered again (its hash in the `checkpoint_hash` tag) keeps its one version."""
-    c = client(tracking_uri)
+    c = client(tracking_uri, wait)
     # One registration at a time per artifact root, so two runs of one config cannot both miss the search.
     with open(Path(root) / ".registry.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not c.search_registered_models(f"name = '{name}'"):
-            c.create_registered_model(name, description="GSPO checkpoints; alias champion is the promoted one")
+            try:
+                c.create_registered_model(name, description="GSPO checkpoints; alias champion is the promoted one")
+            except Exception as e:
+                if not lost_a_race(e):  # a run on another artifact root made it first
+                    raise
         found = c.search_model_versions(f"name = '{name}' and tags.checkpoint_hash = '{checkpoint['hash']}'")
         if found:
             v = min(found, key=lambda mv: int(mv.version))
@@ -58,55 +71,65 @@ def register_checkpoint(tracking_uri: str, name: str, checkpoint: dict, lineage:
             tags = {**{k: str(x) for k, x in lineage.items()}, "checkpoint_hash": checkpoint["hash"],
                     "prefect_flow_run_id": str(runtime.flow_run.id)}
             v = c.create_model_version(name, f"runs:/{run_id}/checkpoint", run_id=run_id, tags=tags)
-    c.set_registered_model_alias(name, "candidate", v.version)
+        c.set_registered_model_alias(name, "candidate", v.version)
     return {"name": name, "version": str(v.version), "source": v.source}
 
 
-@task(name="promotion-gate", cache_policy=CACHE, persist_result=True, result_serializer="json", **RETRY)
-def promotion_gate(tracking_uri: str, name: str, version: str, scores: dict | None, metric: str,
-                   min_delta: float, eval_hash: str = "") -> dict:
-    """Moves alias `champion` to `version` when its trained score on `metric` beats the champion's by more
-    than `min_delta`, and records the decision and its reason as the version's `promotion` tag.
-
-    `scores` ({task: {"base", "trained"}}) are first written to the version as `score.<task>` tags (and
-    `base_score.<task>`); None reads them from the tags. {"promoted", "reason", "champion", ...}."""
-    c = client(tracking_uri)
-    if scores is not None:
-        for t, s in scores.items():
-            c.set_model_version_tag(name, version, f"score.{t}", str(s["trained"]))
-            c.set_model_version_tag(name, version, f"base_score.{t}", str(s["base"]))
-        c.set_model_version_tag(name, version, "eval_hash", eval_hash)
-    cand = c.get_model_version(name, version)
-    if f"score.{metric}" not in cand.tags:
-        raise ValueError(f"{name} version {version} has no score.{metric} tag: evaluate it on {metric} first")
-    score = float(cand.tags[f"score.{metric}"])
-    champion = aliases(c, name).get("champion")
-    champ_score = None
+def decide(version: str, score: float, champion: str | None, champion_score: float | None, metric: str,
+           min_delta: float, same_settings: bool) -> tuple[bool, str]:
+    """The promotion rule: (promote, reason). The candidate `version` replaces the champion when its score on
+    `metric` beats the champion's by more than `min_delta`."""
     if champion is None:
-        promoted, reason = True, "no champion yet"
-    elif champion == version:
-        promoted, reason = False, f"version {version} is already the champion"
-    else:
-        champ = c.get_model_version(name, champion)
-        if f"score.{metric}" not in champ.tags:
-            promoted, reason = True, f"champion version {champion} has no {metric} score"
-        else:
-            champ_score = float(champ.tags[f"score.{metric}"])
-            delta = score - champ_score
-            promoted = delta > min_delta
-            reason = (f"{metric} {score:.4f} vs champion version {champion} {champ_score:.4f}: delta {delta:+.4f} "
-                      f"{'>' if promoted else '<='} gate_min_delta {min_delta}")
-            if champ.tags.get("eval_hash") != cand.tags.get("eval_hash"):
-                reason += " (the two were scored with different eval settings)"
-    if promoted:
-        c.set_registered_model_alias(name, "champion", version)
-        champion = version
-    c.set_model_version_tag(name, version, "promotion", ("promoted: " if promoted else "not promoted: ") + reason)
-    return {"promoted": promoted, "reason": reason, "champion": champion, "metric": metric, "score": score,
-            "champion_score": champ_score}
+        return True, "no champion yet"
+    if champion == version:
+        return False, f"version {version} is already the champion"
+    if champion_score is None:
+        return True, f"champion version {champion} has no {metric} score"
+    delta = score - champion_score
+    promoted = delta > min_delta
+    reason = (f"{metric} {score:.4f} vs champion version {champion} {champion_score:.4f}: delta {delta:+.4f} "
+              f"{'>' if promoted else '<='} gate_min_delta {min_delta}")
+    if not same_settings:
+        reason += " (the two were scored with different eval settings)"
+    return promoted, reason
 
 
-def resolve_version(c: MlflowClient, name: str, version_or_alias: str) -> str:
+@task(name="promotion-gate", cache_policy=NO_CACHE, persist_result=False)
+def promotion_gate(tracking_uri: str, wait: float, name: str, version: str, scores: dict | None, metric: str,
+                   min_delta: float, settings: dict[str, str] | None, root: str) -> dict:
+    """Applies `decide` to `version` and the registry's champion as they are now, moves alias `champion` when
+    it says so, and records the decision and its reason as the version's `promotion` tag (a version that is
+    already the champion keeps the tag that says why it became one).
+
+    `scores` ({task: {"base", "trained", ...}}) and `settings` ({task: settings_hash}) are first written to the
+    version as `score.<task>`, `base_score.<task>` and `eval_settings.<task>` tags; None reads them from the
+    tags. {"promoted", "reason", "champion", "candidate", "metric", "score", "champion_score"}."""
+    c = client(tracking_uri, wait)
+    for t, s in (scores or {}).items():
+        c.set_model_version_tag(name, version, f"score.{t}", str(s["trained"]))
+        c.set_model_version_tag(name, version, f"base_score.{t}", str(s["base"]))
+    for t, h in (settings or {}).items():
+        c.set_model_version_tag(name, version, f"eval_settings.{t}", h)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / ".registry.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # read, decide and move the alias as one step against a concurrent gate
+        cand = c.get_model_version(name, version)
+        if f"score.{metric}" not in cand.tags:
+            raise ValueError(f"{name} version {version} has no score.{metric} tag: evaluate it on {metric} first")
+        score = float(cand.tags[f"score.{metric}"])
+        champion = aliases(c, name).get("champion")
+        champ_tags = c.get_model_version(name, champion).tags if champion not in (None, version) else {}
+        champ_score = float(champ_tags[f"score.{metric}"]) if f"score.{metric}" in champ_tags else None
+        same = champ_tags.get(f"eval_settings.{metric}") == cand.tags.get(f"eval_settings.{metric}")
+        promoted, reason = decide(version, score, champion, champ_score, metric, min_delta, same)
+        if promoted:
+            c.set_registered_model_alias(name, "champion", version)
+            champion = version
+        if promoted or champion != version:
+            c.set_model_version_tag(name, version, "promotion", ("promoted: " if promoted else "not promoted: ") + reason)
+    return {"promoted": promoted, "reason": reason, "champion": champion, "candidate": aliases(c, name).get("candidate"),
+            "metric": metric, "score": score, "champion_score": champ_score}
+def resolve_version(c: Client, name: str, version_or_alias: str) -> str:
     """A version number from "3" or an alias such as "champion"."""
     if version_or_alias.isdigit():
         return version_or_alias
@@ -115,16 +138,16 @@ def resolve_version(c: MlflowClient, name: str, version_or_alias: str) -> str:
         raise ValueError(f"registered model {name!r} has no alias {version_or_alias!r} (aliases: {found or 'none'})")
     return found[version_or_alias]
 
-
-
-@task(name="fetch-version", cache_policy=CACHE, persist_result=True, result_serializer="json", **RETRY)
-def fetch_version(tracking_uri: str, name: str, version: str, checkpoint_hash: str, root: str) -> dict:
+@task(name="fetch-version", cache_policy=cached("registry", CACHE - "wait"), persist_result=True,
+      result_serializer="json")
+def fetch_version(tracking_uri: str, wait: float, name: str, version: str, checkpoint_hash: str, root: str) -> dict:
     """{"dir", "hash"}: a registered version's files downloaded into the artifact root (once per version)."""
     def make(work: Path) -> dict:
-        source = client(tracking_uri).get_model_version(name, version).source
+        source = client(tracking_uri, wait).get_model_version(name, version).source
         dest = work / "model"
         dest.mkdir()
-        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest), tracking_uri=tracking_uri)
+        patiently(tracking_uri, wait, mlflow.artifacts.download_artifacts, artifact_uri=source, dst_path=str(dest),
+                  tracking_uri=tracking_uri)
         found = [p for p in dest.rglob("config.json")]
         model_dir = found[0].parent if found else dest
         h = dir_hash(model_dir)

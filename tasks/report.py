@@ -3,95 +3,92 @@ from __future__ import annotations
 
 import base64
 import html
-import json
+import math
 from pathlib import Path
 
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and keeps no global pyplot state
 from prefect import task
 
-from tasks.common import CACHE, build, output_dir
+from gspo.io import read_jsonl
+from gspo.task_table import TASKS
+from tasks.common import CACHE, build, cached, output_dir
 
-CURVES = [  # (title, [(metric key, label)])
-    ("clip fraction", [("clip_frac", "all"), ("clip_frac_low", "low"), ("clip_frac_high", "high")]),
-    ("importance ratio", [("ratio_mean", "mean"), ("ratio_min", "min"), ("ratio_max", "max")]),
-    ("KL to reference", [("kl", "k3 KL")]),
-    ("entropy", [("entropy", "mean per token")]),
-    ("completion length", [("completion_len_mean", "mean"), ("completion_len_max", "max")]),
+# (title, [(metric key, label)], log y axis): token-level ratios (GRPO) reach tens while sequence-level ones
+# (GSPO) stay within a fraction of a percent of 1, so only a log axis shows both.
+SIGNALS = [
+    ("reward", [("reward_mean", "batch mean"), ("eval_reward", "held-out (greedy)")], False),
+    ("clip fraction", [("clip_frac", "all"), ("clip_frac_low", "low"), ("clip_frac_high", "high")], False),
+    ("importance ratio", [("ratio_mean", "mean"), ("ratio_min", "min"), ("ratio_max", "max")], True),
+    ("KL to reference", [("kl", "k3 KL")], False),
+    ("entropy", [("entropy", "mean per token")], False),
+    ("completion length", [("completion_len_mean", "mean"), ("completion_len_max", "max")], False),
 ]
+STYLES = ["-", ":", "--"]
 
 
-def _rows(path: str) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def _points(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
-def _plot(ax, rows: list[dict], series: list[tuple[str, str]], title: str) -> None:
-    drawn = False
-    for key, label in series:
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=label)
-            drawn = True
-    if not drawn:
-        ax.text(0.5, 0.5, "not measured" + (" (gspo.beta = 0)" if series[0][0] == "kl" else ""),
-                ha="center", va="center", transform=ax.transAxes, color="grey")
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    if drawn and len(series) > 1:
-        ax.legend(fontsize="small")
-
-
-def _reward_series(rows: list[dict]) -> list[tuple[str, str]]:
-    tasks = sorted({k for r in rows for k in r if k.startswith("reward/")})
-    return [(k, k.split("/", 1)[1]) for k in tasks] + [("eval_reward", "held-out (greedy)")]
-
-
-def training_figure(rows: list[dict], path: Path) -> None:
-    fig = Figure(figsize=(15, 8), layout="constrained")
-    axes = fig.subplots(2, 3).ravel()
-    _plot(axes[0], rows, _reward_series(rows), "reward per task")
-    for ax, (title, series) in zip(axes[1:], CURVES):
-        _plot(ax, rows, series, title)
+def curves_figure(runs: dict[str, list[dict]], path: Path) -> None:
+    """One panel per signal, every run overlaid on the same axes (a colour per run, a line style per series).
+    Panels with nothing measured (KL when gspo.beta is 0) are left out."""
+    panels = [(title, series, log) for title, series, log in SIGNALS
+              if any(_points(rows, key) for rows in runs.values() for key, _ in series)]
+    cols = min(3, len(panels))
+    fig = Figure(figsize=(5 * cols, 3.6 * math.ceil(len(panels) / cols)), layout="constrained")
+    axes = fig.subplots(math.ceil(len(panels) / cols), cols, squeeze=False).ravel()
+    for ax, (title, series, log) in zip(axes, panels):
+        for i, (name, rows) in enumerate(runs.items()):
+            for (key, label), style in zip(series, STYLES):
+                pts = _points(rows, key)
+                if pts:
+                    ax.plot(*zip(*pts), style, color=f"C{i}", marker="." if len(pts) < 30 else None,
+                            label=f"{name} {label}" if len(runs) > 1 or len(series) > 1 else None)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     fig.savefig(path, dpi=80)
 
 
-def comparison_figure(runs: dict[str, list[dict]], path: Path) -> None:
-    """One column per algorithm, one row per signal, y shared along a row."""
-    signals = [("reward", [("reward_mean", "batch mean"), ("eval_reward", "held-out")])] + CURVES
-    fig = Figure(figsize=(5 * len(runs), 2.6 * len(signals)), layout="constrained")
-    axes = fig.subplots(len(signals), len(runs), sharey="row", squeeze=False)
-    for col, (name, rows) in enumerate(runs.items()):
-        for row, (title, series) in enumerate(signals):
-            _plot(axes[row][col], rows, series, f"{name}: {title}")
-    fig.savefig(path, dpi=80)
-
-
-def scores_figure(results: dict, path: Path) -> None:
-    fig = Figure(figsize=(max(4, 2.2 * len(results)), 3.5), layout="constrained")
+def scores_figure(results: dict, names: dict[str, str], path: Path) -> None:
+    """Per task, one bar per scored model (base in grey; the trained ones in the curves' colours)."""
+    fig = Figure(figsize=(max(4, 1.2 * len(names) * len(results) + 1.5), 3.5), layout="constrained")
     ax = fig.subplots()
-    names = list(results)
-    for i, which in enumerate(("base", "trained")):
-        vals = [results[t][which]["score"] for t in names]
-        bars = ax.bar([j + (i - 0.5) * 0.38 for j in range(len(names))], vals, 0.38, label=which)
-        if which == "trained":
-            deltas = [results[t]["trained"]["score"] - results[t]["base"]["score"] for t in names]
-            ax.bar_label(bars, [f"{d:+.3f}" for d in deltas], fontsize="small")
-    ax.set_xticks(range(len(names)), names)
+    width = 0.8 / len(names)
+    for i, (label, name) in enumerate(names.items()):
+        vals = [results[t][label]["score"] for t in results]
+        bars = ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(results))], vals, width, label=name,
+                      color="0.6" if label == "base" else f"C{i - ('base' in names)}")
+        ax.bar_label(bars, [f"{v:.3f}" for v in vals], fontsize="small")
+    ax.set_xticks(range(len(results)), list(results))
     ax.set_ylabel("score")
-    ax.set_ylim(0, 1.1)
-    ax.legend()
+    ax.set_ylim(0, 1.15)
+    ax.legend(fontsize="small")
     fig.savefig(path, dpi=80)
 
 
-def score_rows(results: dict) -> list[list[str]]:
-    """task | metric | base | trained | delta, for the score and every other numeric metric."""
+def score_rows(results: dict, names: dict[str, str]) -> list[list[str]]:
+    """task | metric | one column per model | trained - base, for the score and every other numeric metric."""
     out = []
     for t, m in results.items():
         keys = ["score"] + [k for k, v in m["trained"].items()
                             if k not in ("score", "n") and isinstance(v, (int, float)) and not isinstance(v, bool)]
         for k in keys:
-            b, tr = m["base"][k], m["trained"][k]
-            out.append([t, k, f"{b:.4f}", f"{tr:.4f}", f"{tr - b:+.4f}"])
+            out.append([t, k, *(f"{m[label][k]:.4f}" for label in names),
+                        f"{m['trained'][k] - m['base'][k]:+.4f}"])
     return out
+
+
+def meanings(results: dict, names: dict[str, str]) -> list[str]:
+    """One sentence per task: what its score measures, and each model's score."""
+    return [f"{t}, {TASKS[t].meaning.format(n=m['trained']['n'])}: "
+            + ", ".join(f"{name} {m[label]['score']:.3f}" for label, name in names.items()) for t, m in results.items()]
 
 
 def render(blocks: list[tuple], images: dict[str, str] | None) -> tuple[str, str]:
@@ -125,34 +122,31 @@ def render(blocks: list[tuple], images: dict[str, str] | None) -> tuple[str, str
     return "# GSPO train-and-evaluate report\n\n" + "\n\n".join(md) + "\n", doc
 
 
-def blocks(facts: list[str], training: dict, results: dict, compared: bool) -> list[tuple]:
-    out = [("ul", facts),
-           ("h", "Scores: base (reference) model vs trained checkpoint"),
-           ("table", ["task", "metric", "base", "trained", "delta"], score_rows(results)),
+def blocks(facts: list[str], training: dict[str, dict], results: dict, names: dict[str, str]) -> list[tuple]:
+    trained = next(iter(training.values()))
+    out = [("ul", facts), ("h", "Scores on the test sets"), ("ul", meanings(results, names)),
+           ("table", ["task", "metric", *names.values(), "trained - base"], score_rows(results, names)),
            ("img", "scores.png"),
-           ("h", "Training"),
-           ("ul", [f"steps: {training['steps']}", f"registered checkpoint: {training['selected']}",
-                   f"best held-out reward: {training['best_eval']}", f"skipped updates: {training['skipped_updates']}",
-                   f"stopped early: {training['stopped_early']}"]),
+           ("h", "Training" if len(training) == 1 else f"Training: {' vs '.join(training)}, same data and reference"),
+           ("ul", [f"steps: {trained['steps']}", f"registered checkpoint: {trained['selected']}",
+                   f"best held-out reward: {trained['best_eval']}", f"skipped updates: {trained['skipped_updates']}",
+                   f"stopped early: {trained['stopped_early']}"]),
            ("img", "training.png")]
-    if compared:
-        out += [("h", "GSPO vs GRPO (token-level ratio, eps 0.2), same data and reference"), ("img", "comparison.png")]
     return out
 
 
-@task(name="report", cache_policy=CACHE, persist_result=True, result_serializer="json")
-def build_report(facts: list[str], training: dict, grpo: dict | None, results: dict, root: str) -> dict:
-    """{"dir", "markdown", "html"}: `facts` head the report as a list; `training` (and `grpo`) are train-stage
-    results; `results` is {task: {"base": metrics, "trained": metrics}}. The Markdown without plots is
+@task(name="report", cache_policy=cached("report", CACHE), persist_result=True, result_serializer="json")
+def build_report(facts: list[str], training: dict[str, dict], results: dict, names: dict[str, str], root: str) -> dict:
+    """{"dir", "markdown", "html"}: `facts` head the report as a list; `training` maps a run's name (the
+    registered one first, then e.g. the GRPO baseline) to its train-stage result; `results` is
+    {task: {label: metrics}} and `names` maps each label to the name shown. The Markdown without plots is
     `markdown_text` in the result, for places that cannot show the PNG files (the Prefect artifact)."""
     def make(work: Path) -> dict:
-        rows = _rows(training["metrics"])
-        training_figure(rows, work / "training.png")
+        curves_figure({name: [row for _, row in read_jsonl(t["metrics"])] for name, t in training.items()},
+                      work / "training.png")
         if results:
-            scores_figure(results, work / "scores.png")
-        if grpo is not None:
-            comparison_figure({"GSPO": rows, "GRPO": _rows(grpo["metrics"])}, work / "comparison.png")
-        b = [x for x in blocks(facts, training, results, grpo is not None) if x[0] != "img" or (work / x[1]).exists()]
+            scores_figure(results, names, work / "scores.png")
+        b = [x for x in blocks(facts, training, results, names) if x[0] != "img" or (work / x[1]).exists()]
         images = {x[1]: base64.b64encode((work / x[1]).read_bytes()).decode() for x in b if x[0] == "img"}
         md, page = render(b, images)
         (work / "report.md").write_text(md)

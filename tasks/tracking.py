@@ -1,62 +1,92 @@
 """The MLflow run of a flow run: config as params, datasets as inputs, per-step training metrics,
 evaluation metrics, report and config as artifacts. Plain functions, called from the flow on every run
-(cached stages return their outputs; this logs them into the new run)."""
+(cached stages return their outputs; this logs them into the new run).
+
+A run records which process owns it (host, pid and the pid's start time). A process killed outright (SIGKILL,
+a lost machine) cannot close its run, so every start first closes, as FAILED, the runs still RUNNING whose
+owner on this host is gone.
+"""
 from __future__ import annotations
 
-import json
+import logging
 import math
+import os
+import socket
 import tempfile
 import time
 import warnings
 from pathlib import Path
-
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from gspo.config import Config, save_config
-from tasks.registry import client
+from gspo.io import read_jsonl
+from tasks.store import SQLITE, Client, client, lost_a_race
 
 FLOW_RUN_TAG = "prefect.flow_run_id"
+OWNER_TAGS = ("gspo.host", "gspo.pid", "gspo.pid_started")
 _BATCH = 500
+log = logging.getLogger(__name__)
 
 
-def tracking_uri(uri: str) -> str:
-    """A relative sqlite URI made absolute, so every process and cache key means the same database."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = Path(uri[len(prefix):]).resolve()
-        return prefix + str(path)
-    return uri
+def _started(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot), so a recycled pid is not taken for the owner."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
-def _experiment(c: MlflowClient, name: str, uri: str) -> str:
+def _owner() -> dict[str, str]:
+    return dict(zip(OWNER_TAGS, (socket.gethostname(), str(os.getpid()), str(_started(os.getpid())))))
+
+
+def _experiment(c: Client, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
-    if uri.startswith("sqlite:///"):  # artifacts beside the database, not in ./mlruns of whatever directory
-        db = Path(uri[len("sqlite:///"):])
-        location = (db.parent / "mlartifacts").as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    if c.uri.startswith(SQLITE):  # artifacts beside the database, not in ./mlruns of whatever directory
+        location = (Path(c.uri[len(SQLITE):]).parent / "mlartifacts").as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception as e:
+        if not lost_a_race(e):
+            raise
+        return c.get_experiment_by_name(name).experiment_id
 
 
-def start_run(cfg: Config, uri: str, flow_run_id: str, flow_run_name: str) -> tuple[MlflowClient, str]:
+def close_orphans(c: Client, exp: str) -> list[str]:
+    """Mark FAILED the runs left RUNNING by a process of this host that no longer exists; their ids."""
+    host = socket.gethostname()
+    closed = []
+    for r in c.search_runs([exp], f"attributes.status = 'RUNNING' and tags.`gspo.host` = '{host}'"):
+        pid, started = r.data.tags.get("gspo.pid", ""), r.data.tags.get("gspo.pid_started")
+        if pid.isdigit() and _started(int(pid)) == started:
+            continue  # its process is still running it
+        c.set_tag(r.info.run_id, "gspo.end", f"process {pid} on {host} ended without closing the run (killed)")
+        c.set_terminated(r.info.run_id, "FAILED")
+        closed.append(r.info.run_id)
+        log.warning("MLflow run %s was left RUNNING by process %s, which is gone: marked FAILED", r.info.run_id, pid)
+    return closed
+
+
+def start_run(cfg: Config, uri: str, flow_run_id: str, flow_run_name: str) -> tuple[Client, str]:
     """The MLflow run of this flow run: created once, picked up again when the flow run is retried."""
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    c = client(uri)
-    exp = _experiment(c, cfg.pipeline.experiment, uri)
+    c = client(uri, cfg.pipeline.mlflow_wait)
+    exp = _experiment(c, cfg.pipeline.experiment)
+    close_orphans(c, exp)
     found = c.search_runs([exp], f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
+        for k, v in _owner().items():
+            c.set_tag(run_id, k, v)
         return c, run_id
     run = c.create_run(exp, run_name=flow_run_name,
-                       tags={FLOW_RUN_TAG: flow_run_id, "config_hash": cfg.section_hash()})
+                       tags={FLOW_RUN_TAG: flow_run_id, "config_hash": cfg.section_hash(), **_owner()})
     params = [Param(k, str(v)) for k, v in _flatten(cfg.to_dict()).items()]
     for i in range(0, len(params), 100):
         c.log_batch(run.info.run_id, params=params[i:i + 100])
@@ -76,7 +106,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def log_datasets(c: MlflowClient, run_id: str, data: dict) -> None:
+def log_datasets(c: Client, run_id: str, data: dict) -> None:
     """Each snapshot as a dataset input: its file, its content digest, and the split as context."""
     inputs = []
     for split, entry in data.items():
@@ -87,13 +117,18 @@ def log_datasets(c: MlflowClient, run_id: str, data: dict) -> None:
             source = resolve_dataset_source(entry["path"])
         ds = MetaDataset(source, name=f"{split}-{entry['sha'][:8]}", digest=entry["sha"][:16])
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
-    c.log_inputs(run_id, datasets=inputs)
+    try:
+        c.log_inputs(run_id, datasets=inputs)
+    except Exception as e:
+        if not lost_a_race(e):
+            raise
+        c.log_inputs(run_id, datasets=inputs)
 
 
-def log_step_metrics(c: MlflowClient, run_id: str, path: str, prefix: str = "") -> None:
+def log_step_metrics(c: Client, run_id: str, path: str, prefix: str = "") -> None:
     """Every numeric value of a metrics JSONL file (one object per step), unless this run already has them
     (a retried flow run logs into the same MLflow run)."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [row for _, row in read_jsonl(path)]
     if not rows or f"{prefix}{next(k for k in rows[0] if k != 'step')}" in c.get_run(run_id).data.metrics:
         return
     now = int(time.time() * 1000)
@@ -103,7 +138,7 @@ def log_step_metrics(c: MlflowClient, run_id: str, path: str, prefix: str = "") 
         c.log_batch(run_id, metrics=metrics[i:i + _BATCH])
 
 
-def log_scores(c: MlflowClient, run_id: str, results: dict) -> None:
+def log_scores(c: Client, run_id: str, results: dict) -> None:
     """eval/<task>/<model>/<metric> for every numeric metric; eval/<task>/delta of the score when both a
     base and a trained model were scored."""
     metrics, now = [], int(time.time() * 1000)
@@ -117,16 +152,19 @@ def log_scores(c: MlflowClient, run_id: str, results: dict) -> None:
     c.log_batch(run_id, metrics=metrics)
 
 
-def log_report(c: MlflowClient, run_id: str, report_dir: str) -> None:
+def log_report(c: Client, run_id: str, report_dir: str) -> None:
     c.log_artifacts(run_id, report_dir, "report")
 
 
-def finish(c: MlflowClient, run_id: str, ok: bool) -> None:
+def finish(c: Client, run_id: str, ok: bool, why: str = "") -> None:
+    """Close the run; `why` (the error that stopped the flow) becomes its gspo.end tag."""
     try:
+        if why:
+            c.set_tag(run_id, "gspo.end", why[:5000])
         c.set_terminated(run_id, "FINISHED" if ok else "FAILED")
-    except MlflowException as e:
+    except Exception as e:
         if ok:
             raise
         # The flow is already failing: its own error (say, registration against a dead server) must stay the
-        # one reported, not this follow-up failure to close the run.
-        warnings.warn(f"MLflow run {run_id} left RUNNING: {e}")
+        # one reported, not this follow-up failure to close the run. The next start closes it.
+        log.warning("MLflow run %s left RUNNING (%s); the next run marks it FAILED", run_id, str(e).splitlines()[0])

@@ -41,6 +41,12 @@ def test_defaults_yaml_and_overrides_layer_in_that_order(tmp_path):
     (["optim.low_precision_update=round"], "optim.low_precision_update: 'round' is not one of"),
     (["nosuchsection.x=1"], "unknown config field nosuchsection"),
     (["gspo.group_size"], "expected section.field=value"),
+    (["eval.tasks=[arithmetic,mmlu]"], "invalid config value eval.tasks: must be one or more of humaneval, gsm8k, "
+                                       "hellaswag, arithmetic, got ['arithmetic', 'mmlu']"),
+    (["eval.tasks=[]"], "invalid config value eval.tasks: must be one or more of"),
+    (["eval.tasks=[gsm8k]"], "invalid config value pipeline.gate_metric: 'arithmetic' is not one of eval.tasks (gsm8k)"),
+    (["data.source=squad"], "data.source: 'squad' is not one of humaneval, gsm8k, hellaswag, arithmetic, custom"),
+    (["pipeline.mlflow_wait=-1"], "invalid config value pipeline.mlflow_wait: must be >= 0"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_field(overrides, message):
     with pytest.raises(ValueError) as e:  # ConfigError is a ValueError

@@ -175,7 +175,7 @@ def test_unknown_reward_and_source(tmp_path):
     assert "gsm8k" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ValueError, match="^custom data needs both path= .* and reward= "):
         load_examples("custom", path=path)
-    with pytest.raises(ValueError, match="^unknown data source 'squad'; choose one of arithmetic, gsm8k, "):
+    with pytest.raises(ValueError, match="^unknown data source 'squad'; choose one of humaneval, gsm8k, hellaswag, arithmetic, custom$"):
         load_examples("squad")
     with pytest.raises(ValueError, match=r"^arithmetic: limit= is required"):
         load_examples("arithmetic")

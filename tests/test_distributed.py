@@ -82,7 +82,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 def test_torchrun_launches_the_cli(tmp_path):
     """The documented launch: torchrun over `gspo train`, rank 0 writing the checkpoint and the summary."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           "-m", "gspo.cli", "train", "--output", str(tmp_path / "run")] + sum((["--set", c] for c in CFG), [])
+           "-m", "gspo_cli", "train", "--output", str(tmp_path / "run")] + sum((["--set", c] for c in CFG), [])
     proc = subprocess.run(cmd + ["--set", "train.steps=2"], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,7 +6,7 @@ scores the warm-started and the trained model on the arithmetic test problems, w
 import json
 from pathlib import Path
 
-from gspo.cli import main
+from gspo_cli import main
 from gspo.config import load_config
 from gspo.evaluate import evaluate_task
 

@@ -6,7 +6,7 @@ import pytest
 
 import tasks  # noqa: F401  (offline Prefect / MLflow defaults before prefect is imported)
 from gspo.config import load_config
-from tasks.common import FilesRead, build, pick
+from tasks.common import FilesRead, build, damaged, pick
 
 
 def test_racing_runs_of_one_stage_build_it_once_and_share_the_result(tmp_path):
@@ -27,6 +27,28 @@ def test_racing_runs_of_one_stage_build_it_once_and_share_the_result(tmp_path):
     assert results == [{"weights": str(final / "weights.bin"), "n": 1}] * 4  # paths point at the final place
     assert (final / "weights.bin").read_bytes() == b"w"
     assert sorted(p.name for p in final.parent.iterdir()) == [".k1.lock", "k1"]
+
+
+def test_a_stage_directory_missing_a_file_or_with_a_file_of_another_size_is_built_again(tmp_path):
+    final, calls = tmp_path / "train" / "k", []
+
+    def make(work):
+        calls.append(work)
+        (work / "model").mkdir()
+        (work / "model" / "weights.bin").write_bytes(b"w" * 100)
+        return {"dir": str(work / "model")}
+
+    assert build(final, make) == {"dir": str(final / "model")} and damaged(final) is None
+    assert build(final, make) and len(calls) == 1  # intact: reused
+    (final / "model" / "weights.bin").write_bytes(b"w" * 10)  # truncated
+    assert "weights.bin is not the size it was written with" in damaged(final)
+    build(final, make)
+    assert len(calls) == 2 and (final / "model" / "weights.bin").stat().st_size == 100
+    (final / "model" / "weights.bin").unlink()
+    assert "weights.bin is gone" in damaged(final)
+    build(final, make)
+    assert len(calls) == 3 and damaged(final) is None
+    assert damaged(tmp_path / "train" / "other") == f"{tmp_path / 'train' / 'other'} is gone"
 
 
 def test_different_keys_build_side_by_side(tmp_path):

@@ -88,7 +88,7 @@ def test_a_signal_during_the_rollout_abandons_the_step_and_resume_is_exact(tiny_
 
 def _cli(args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "gspo.cli", *args], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "gspo_cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
 
 

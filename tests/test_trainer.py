@@ -163,7 +163,7 @@ def test_sampler_resumes_mid_epoch():
 
 def _gspo_train(cfg_path: Path, out: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "gspo.cli", "train", "--config", str(cfg_path), "--output", str(out)],
+    return subprocess.Popen([sys.executable, "-m", "gspo_cli", "train", "--config", str(cfg_path), "--output", str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
