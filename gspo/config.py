@@ -95,7 +95,7 @@ class WarmStartConfig:
     batch_size: int = opt(32, "warm-start batch size", ge=1)
     examples: int = opt(1000, "examples drawn for the warm start (a separate seed from training data)", ge=1)
     stop_reward: float = opt(0.0, "stop early once the greedy reward on warm-start examples kept out of its training "
-                                  "(256, at most a quarter) reaches this; checked every 25 steps; 0 uses them all",
+                                  "(256, at most a quarter) reaches this; checked every 10 steps; 0 uses them all",
                              ge=0, le=1)
 
 

@@ -20,7 +20,7 @@ from gspo.scoring import greedy_reward
 from gspo.update import autocast, params_norm
 
 log = logging.getLogger(__name__)
-_PROBE_SIZE, _PROBE_EVERY = 256, 25  # examples held back for stop_reward (at most a quarter), steps between scores
+_PROBE_SIZE, _PROBE_EVERY = 256, 10  # examples held back for stop_reward (at most a quarter), steps between scores
 
 
 def target_text(example: Example) -> str:
