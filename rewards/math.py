@@ -22,11 +22,11 @@ import itertools
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from sympy import Rational
 
+from gspo.io import atomic_file, read_jsonl
 from rewards import RewardResult, register
 
 MAX_SCAN = 16_000  # completions are a few thousand characters; the answer is at the end
@@ -242,37 +242,20 @@ def score_file(in_path: str | os.PathLike, out_path: str | os.PathLike | None = 
     out = Path(out_path) if out_path is not None else src.with_name(src.stem + "_scored.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     n = n_correct = 0
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with open(src, "rb") as f, os.fdopen(fd, "w", encoding="utf-8") as w:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                row, gold = _read_row(src, lineno, raw)
-                result = _judge(row["completion"], gold)
-                row["correct"], row["extracted"] = result.verdict == "correct", result.extracted
-                w.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-                n_correct += row["correct"]
+    with atomic_file(out) as w:
+        for where, row in read_jsonl(src):
+            gold = _gold_of_row(where, row)
+            result = _judge(row["completion"], gold)
+            row["correct"], row["extracted"] = result.verdict == "correct", result.extracted
+            w.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+            n_correct += row["correct"]
         if n == 0:
             raise ValueError(f"{src}: no rows")
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
     return {"n": n, "correct": n_correct, "accuracy": n_correct / n, "out": str(out)}
 
 
-def _read_row(src: Path, lineno: int, raw: bytes) -> tuple[dict, str]:
-    where = f"{src}:{lineno}"
-    try:
-        row = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{where}: line is not UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+def _gold_of_row(where: str, row: dict) -> str:
     for field, types in (("completion", (str,)), ("answer", (str, int, float))):
         if field not in row:
             raise ValueError(f"{where}: field {field!r} is missing")
@@ -283,4 +266,4 @@ def _read_row(src: Path, lineno: int, raw: bytes) -> tuple[dict, str]:
         gold = gold_answer(str(row["answer"]))
     except ValueError:
         raise ValueError(f"{where}: field 'answer' has no number: {str(row['answer'])[:80]!r}") from None
-    return row, gold
+    return gold

@@ -146,7 +146,7 @@ def test_evaluate_samples_file_with_its_own_problems_file(tmp_path):
 
 
 @pytest.mark.parametrize("lines,message", [
-    (['{"task_id": "HumanEval/0", "completion": ""}', "{not json"], r"s.jsonl:2: not JSON"),
+    (['{"task_id": "HumanEval/0", "completion": ""}', "{not json"], r"s.jsonl:2: invalid JSON"),
     (['{"task_id": "HumanEval/0"}'], r"s.jsonl:1: field 'completion' missing"),
     (['{"task_id": 5, "completion": ""}'], r"s.jsonl:1: field 'task_id' missing or not a str"),
     (['{"task_id": "HumanEval/999", "completion": ""}'], r"s.jsonl:1: field 'task_id': unknown problem"),
