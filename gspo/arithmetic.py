@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from gspo.data import Example
+from gspo.example import Example
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 

@@ -6,28 +6,12 @@ import json
 import os
 import random
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-from gspo import task_table
+from gspo import arithmetic, task_table
+from gspo.example import Example
 from gspo.io import atomic_file, read_jsonl
-
-
-@dataclass(frozen=True)
-class Example:
-    id: str
-    prompt: str  # the question as plain text; the chat template is applied at tokenisation time
-    reference: Any  # JSON-serialisable gold: a number string, a HumanEval problem dict, a label index...
-    task: str  # the reward name in the `rewards` registry
-    meta: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Example":
-        return cls(id=str(d["id"]), prompt=d["prompt"], reference=d["reference"], task=d["task"], meta=d.get("meta") or {})
 
 
 # GSM8K answers end with "#### <number>"; asking for the same marker keeps the reward's extraction simple.
@@ -48,8 +32,7 @@ def load_examples(source: str, path: str | os.PathLike | None = None, split: str
     if source == "arithmetic":
         if limit is None:
             raise ValueError("arithmetic: limit= is required (the number of problems to generate)")
-        from gspo.arithmetic import make_examples  # the task generator imports this module, so import late
-        examples = make_examples(limit, seed, **kw)
+        examples = arithmetic.make_examples(limit, seed, **kw)
     elif source == "custom":
         if path is None or reward is None:
             raise ValueError("custom data needs both path= (a JSONL file) and reward= (a registered reward name)")
@@ -228,10 +211,8 @@ def prepare_splits(cfg) -> Splits:
     """The configured data, split reproducibly into train / held-out / warm-start (cfg is a gspo.config.Config)."""
     d, w = cfg.data, cfg.warm_start
     if d.source == "arithmetic":
-        from gspo.arithmetic import split
-
         # The evaluation's test problems (gspo.evaluate) are kept out of every split here.
-        tr, held, ws = split(d.train_size, d.eval_size, d.seed, d.arithmetic_max_operand, d.arithmetic_ops,
+        tr, held, ws = arithmetic.split(d.train_size, d.eval_size, d.seed, d.arithmetic_max_operand, d.arithmetic_ops,
                              w.examples if w.steps else 0, test=cfg.eval.limit or d.eval_size)
         return Splits(tr, held, ws)
     examples = load_examples(d.source, d.path, "train", reward=d.reward)
