@@ -86,6 +86,21 @@ def test_a_signal_during_the_rollout_abandons_the_step_and_resume_is_exact(tiny_
     assert all(torch.equal(final[k], w[k]) for k in final)
 
 
+def test_a_signal_during_the_updates_finishes_the_step_and_resume_is_exact(tiny_dir, tmp_path, straight):
+    cfg, tr, held, final = straight
+
+    def signal_in_update(model, update):
+        if update == 2 * cfg.gspo.num_minibatches + 1:  # the third step's second update
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Stopped) as e:
+        train(cfg, tiny_dir, tr, held, tmp_path, after_backward=signal_in_update)
+    assert e.value.step == 3 and e.value.checkpoint_dir == tmp_path / "checkpoints" / "step-00000003"
+    res = train(cfg, tiny_dir, tr, held, tmp_path)
+    w = _weights(res.final_dir)
+    assert all(torch.equal(final[k], w[k]) for k in final)
+
+
 def _cli(args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "gspo_cli", *args], env=env, stdout=subprocess.PIPE,
