@@ -12,7 +12,7 @@ PREFECT := PREFECT_HOME=$(CURDIR)/.gspo/prefect PREFECT_SERVER_ANALYTICS_ENABLED
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup demo test clean server deploy worker mlflow-ui
+.PHONY: setup demo test lint clean server deploy worker mlflow-ui
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# ruff's lint and format check over the tree, then mypy over the packages (settings in pyproject.toml)
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check --diff .
+	$(BIN)/mypy
 
 # Prefect server and UI at http://127.0.0.1:$(PREFECT_PORT)
 server: setup
