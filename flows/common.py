@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import tasks  # noqa: F401  (offline defaults before prefect is imported, also when loaded as a file)
+# isort: split
 from gspo.config import Config
 from gspo.evaluate import eval_examples
 from gspo.task_table import TASKS, evaluation_reads

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import tasks  # noqa: F401  (offline defaults before prefect is imported, also when loaded as a file)
+# isort: split
 from prefect import flow, get_run_logger, runtime
 
 from flows.common import summary

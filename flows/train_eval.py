@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 import tasks  # noqa: F401  (offline defaults before prefect is imported, also when loaded as a file)
+# isort: split
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import tasks  # noqa: F401  (offline Prefect / MLflow defaults before prefect is imported)
+# isort: split
 import mlflow.artifacts
 import torch
 from mlflow import MlflowClient

@@ -5,6 +5,7 @@ import time
 import pytest
 
 import tasks  # noqa: F401  (offline Prefect / MLflow defaults before prefect is imported)
+# isort: split
 from gspo.config import load_config
 from tasks.common import FilesRead, build, damaged, pick
 

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 import tasks  # noqa: F401  (offline Prefect / MLflow defaults before prefect is imported)
+# isort: split
 import mlflow.artifacts
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
