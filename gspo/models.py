@@ -1,4 +1,5 @@
 """Model loading: device, dtype, threads, dropout off, fp32 logits, gradient checkpointing, LoRA."""
+
 from __future__ import annotations
 
 import types
@@ -77,8 +78,9 @@ def fp32_logits(model):
 
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
-            return torch.nn.functional.linear(x.float(), self.weight.float(),
-                                              None if self.bias is None else self.bias.float())
+            return torch.nn.functional.linear(
+                x.float(), self.weight.float(), None if self.bias is None else self.bias.float()
+            )
 
     head.forward = types.MethodType(forward, head)
     return model
@@ -103,8 +105,16 @@ def prepare_for_training(model, cfg: ModelConfig):
 
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                 target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=0.0,
+                target_modules=list(cfg.lora_target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
     model.train()
     return model
 

@@ -16,6 +16,7 @@ is written back by `optim.low_precision_update`:
 
 fp32 parameters (CPU training, LoRA adapters) are updated directly.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,11 +98,13 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, seed: int
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     low = [p for p in params if p.dtype != torch.float32]
     if low and cfg.low_precision_update == "stochastic" and any(p.dtype != torch.bfloat16 for p in low):
-        raise ValueError("optim.low_precision_update: stochastic rounding is for bfloat16 weights; "
-                         "use kahan for float16")
+        raise ValueError(
+            "optim.low_precision_update: stochastic rounding is for bfloat16 weights; use kahan for float16"
+        )
     if cfg.optimizer == "adamw8bit" or low:
-        return _rounding_adamw()(params, cfg.low_precision_update, seed,
-                                 optim_bits=8 if cfg.optimizer == "adamw8bit" else 32, **kw)
+        return _rounding_adamw()(
+            params, cfg.low_precision_update, seed, optim_bits=8 if cfg.optimizer == "adamw8bit" else 32, **kw
+        )
     # fp32 weights: the fused kernel is several times faster than the per-tensor loop, on the CPU too.
     return torch.optim.AdamW(params, fused=True, **kw)
 

@@ -1,5 +1,6 @@
 """Progress of a long loop: a bar on a terminal, plain periodic log lines anywhere else (worker logs, files),
 where a bar's carriage returns would pile up into one unreadable line."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Resolve a model name to a local directory: the built-in tiny model, a local path, or a hub snapshot."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,11 +21,18 @@ def resolve_model(cfg: ModelConfig, dest: str | Path) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(cfg.name, revision=cfg.revision, local_dir=str(dest),
-                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        return Path(
+            snapshot_download(
+                cfg.name,
+                revision=cfg.revision,
+                local_dir=str(dest),
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        )
     except Exception as e:  # offline, unknown id, gated repo: one line, not a network traceback
-        raise ValueError(f"model.name: cannot fetch {cfg.name!r} from the hub ({type(e).__name__}); "
-                         "pass a local directory or 'tiny'") from None
+        raise ValueError(
+            f"model.name: cannot fetch {cfg.name!r} from the hub ({type(e).__name__}); pass a local directory or 'tiny'"
+        ) from None
 
 
 def dir_hash(path: str | Path) -> str:

@@ -1,4 +1,5 @@
 """Rollouts: G sampled completions per prompt, and per-token log-probs of completions under a model."""
+
 from __future__ import annotations
 
 import logging
@@ -37,17 +38,25 @@ class Rollout:
             self._lengths = (both[0], both[1])
         return self._lengths
 
-    def select(self, idx: torch.Tensor) -> "Rollout":
+    def select(self, idx: torch.Tensor) -> Rollout:
         pick = lambda x: None if x is None else x[idx]
-        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
-                       self.completion_mask[idx], self.truncated[idx], [self.texts[i] for i in idx.tolist()],
-                       pick(self.logp), pick(self.entropy))
+        return Rollout(
+            self.prompt_ids[idx],
+            self.prompt_mask[idx],
+            self.completion_ids[idx],
+            self.completion_mask[idx],
+            self.truncated[idx],
+            [self.texts[i] for i in idx.tolist()],
+            pick(self.logp),
+            pick(self.entropy),
+        )
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     tokenizer.truncation_side = "left"  # keep the end of a long prompt: that is where the question is
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                    add_special_tokens=False)
+    enc = tokenizer(
+        prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length, add_special_tokens=False
+    )
     return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
@@ -69,9 +78,19 @@ def eos_token_ids(tokenizer, model) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_ids: set[int],
-           pad_id: int, temperature: float = 1.0, top_p: float = 1.0, row_seeds: torch.Tensor | None = None,
-           rows: torch.Tensor | None = None, lockstep: bool = False):
+def sample(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    row_seeds: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    lockstep: bool = False,
+):
     """Decode up to max_new_tokens with a KV cache; greedy when row_seeds is None.
 
     rows (B,), when given, is the prompt each completion continues (an index into prompt_ids): each distinct
@@ -86,13 +105,25 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
     # tenth of the decode time of a small model on the CPU. FSDP writes gathered weights into buffers it reuses
     # later, which must not become inference tensors.
     with torch.no_grad() if lockstep else torch.inference_mode():
-        out = _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds,
-                      rows, lockstep)
+        out = _decode(
+            model,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens,
+            eos_ids,
+            pad_id,
+            temperature,
+            top_p,
+            row_seeds,
+            rows,
+            lockstep,
+        )
     return plain(out)
 
 
-def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds, rows,
-            lockstep):
+def _decode(
+    model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds, rows, lockstep
+):
     eos = torch.tensor(sorted(eos_ids), device=prompt_ids.device)
     attn = prompt_mask
     logits, cache, last_pos, cache_arg = prefill(model, prompt_ids, prompt_mask)
@@ -115,8 +146,9 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
         if finished or t == max_new_tokens - 1:
             break
         attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
-                    **{cache_arg: cache})
+        out = model(
+            input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True, **{cache_arg: cache}
+        )
         logits, cache, next_pos = out.logits[:, -1, :], getattr(out, cache_arg), next_pos + 1
     if row_seeds is None:
         return torch.stack(tokens, dim=1), None, None
@@ -131,16 +163,31 @@ def resolve_decode(decode: str, model) -> str:
     layer full attention, weights not sharded) and its compiled step has not failed on it; eager otherwise."""
     if decode != "auto":
         return decode
-    if (next(model.parameters()).device.type != "cuda" or distributed.is_sharded(model) or model in _eager_only
-            or not static_decode.supported(model)):
+    if (
+        next(model.parameters()).device.type != "cuda"
+        or distributed.is_sharded(model)
+        or model in _eager_only
+        or not static_decode.supported(model)
+    ):
         return "eager"
     return "static"
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, max_prompt_length: int = 512, do_sample: bool = True, batch_size: int = 0,
-             row_seeds: torch.Tensor | None = None, decode: str = "auto") -> Rollout:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_prompt_length: int = 512,
+    do_sample: bool = True,
+    batch_size: int = 0,
+    row_seeds: torch.Tensor | None = None,
+    decode: str = "auto",
+) -> Rollout:
     """`group_size` completions for each prompt, groups contiguous; greedy when do_sample is False.
 
     row_seeds (n_prompts * group_size,) fixes each completion's randomness; without them seeds are drawn from
@@ -159,10 +206,19 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
     for i in range(0, n_rows, step):
         j = min(i + step, n_rows)  # completion rows i .. j-1; a chunk may start or end inside a group
         first, last = i // group_size, (j - 1) // group_size
-        ids, attn = encode_prompts(tokenizer, prompts[first:last + 1], max_prompt_length, device)
+        ids, attn = encode_prompts(tokenizer, prompts[first : last + 1], max_prompt_length, device)
         rows = torch.arange(i, j, device=device) // group_size - first
-        args = (model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id, temperature, top_p,
-                row_seeds[i:j].to(device) if do_sample else None)
+        args = (
+            model,
+            ids,
+            attn,
+            max_new_tokens,
+            eos,
+            tokenizer.pad_token_id,
+            temperature,
+            top_p,
+            row_seeds[i:j].to(device) if do_sample else None,
+        )
         if mode == "static":
             try:
                 out = sample_static(*args, rows=rows)
@@ -199,8 +255,15 @@ def _cat_right(ts: list[torch.Tensor], pad: int) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in ts])
 
 
-def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
-                   with_entropy: bool = False):
+def token_logprobs(
+    model,
+    prompt_ids,
+    prompt_mask,
+    completion_ids,
+    completion_mask,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+):
     """Per-token log pi(y_t) of the completion tokens, (B, T); and the per-token entropy when asked.
 
     Logits are divided by the sampling temperature so the ratio compares the distributions that were sampled.
@@ -211,9 +274,8 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_ma
     # Positions follow the real tokens so left padding does not shift them.
     pos = (attn.cumsum(1) - 1).clamp(min=0)
     T = completion_ids.shape[1]
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                logits_to_keep=T + 1)
-    logits = out.logits[:, -T - 1:-1, :].float() / temperature  # (B, T, V): logits at t predict token t
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=T + 1)
+    logits = out.logits[:, -T - 1 : -1, :].float() / temperature  # (B, T, V): logits at t predict token t
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:

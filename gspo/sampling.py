@@ -1,11 +1,11 @@
 """Token sampling shared by both decoders (gspo.rollout's eager one and gspo.static_decode's compiled one):
 counter-based Gumbel noise, the pick of each row's next token, the prompt prefill."""
+
 from __future__ import annotations
 
 import inspect
 
 import torch
-
 
 _M1, _M2 = -4658895280553007687, -7723592293110705685  # splitmix64 multipliers as signed int64
 
@@ -27,7 +27,7 @@ def gumbel_noise(row_seeds: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
     """
     v = torch.arange(vocab, device=row_seeds.device, dtype=torch.int64)
     x = _mix(_mix(row_seeds * 1_000_003 + t)[:, None] + v[None, :])
-    u = ((x >> 11) & ((1 << 53) - 1)).double().add_(0.5).div_(2.0 ** 53)  # in (0, 1), never 0 or 1
+    u = ((x >> 11) & ((1 << 53) - 1)).double().add_(0.5).div_(2.0**53)  # in (0, 1), never 0 or 1
     return -torch.log(-torch.log(u)).float()
 
 

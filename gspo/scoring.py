@@ -1,4 +1,5 @@
 """Rewards of a batch of completions, and the greedy held-out reward that picks checkpoints."""
+
 from __future__ import annotations
 
 import torch
@@ -9,7 +10,9 @@ from gspo.data import Example, format_prompt
 from gspo.rollout import generate
 
 
-def score(texts: list[str], examples: list[Example], cfg: Config | None = None) -> tuple[torch.Tensor, dict[str, list[float]]]:
+def score(
+    texts: list[str], examples: list[Example], cfg: Config | None = None
+) -> tuple[torch.Tensor, dict[str, list[float]]]:
     """Rewards (B,) of completions `texts` of `examples`, and the rewards grouped per task for metrics.
 
     Sandboxed tasks (humaneval) run with eval.code_timeout and eval.workers, the settings evaluation uses."""
@@ -36,9 +39,17 @@ def greedy_reward(model, tok, examples: list[Example], cfg: Config, batch_size: 
         return float("nan")
     total = 0.0
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
+        chunk = examples[i : i + batch_size]
         prompts = [format_prompt(tok, e, cfg.data.use_chat_template) for e in chunk]
-        roll = generate(model, tok, prompts, 1, cfg.gspo.max_new_tokens, do_sample=False,
-                        max_prompt_length=cfg.gspo.max_prompt_length, decode=cfg.gspo.decode)
+        roll = generate(
+            model,
+            tok,
+            prompts,
+            1,
+            cfg.gspo.max_new_tokens,
+            do_sample=False,
+            max_prompt_length=cfg.gspo.max_prompt_length,
+            decode=cfg.gspo.decode,
+        )
         total += float(score(roll.texts, chunk, cfg)[0].sum())
     return total / len(examples)

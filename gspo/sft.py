@@ -1,4 +1,5 @@
 """Supervised warm start: next-token loss on reference answers, before any reinforcement learning."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,7 @@ def target_text(example: Example) -> str:
     return str(ref)
 
 
-def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_dir: str | Path,
-               on_step=None) -> Path:
+def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_dir: str | Path, on_step=None) -> Path:
     """Fine-tune on (prompt, reference + EOS) pairs for cfg.warm_start.steps steps; save to out_dir.
 
     With warm_start.stop_reward set, a slice of the examples is kept out of training, and the warm start stops
@@ -54,8 +54,15 @@ def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_
         # what it has memorised, and the point is to hand GSPO a model that generalises.
         examples, probe = examples[:-n], examples[-n:]
     # Tokenised once: on a tiny model, tokenising every batch costs a quarter of the step.
-    rows = [_tokens(tok, format_prompt(tok, e, cfg.data.use_chat_template), target_text(e) + tok.eos_token,
-                    cfg.gspo.max_prompt_length + cfg.gspo.max_new_tokens) for e in examples]
+    rows = [
+        _tokens(
+            tok,
+            format_prompt(tok, e, cfg.data.use_chat_template),
+            target_text(e) + tok.eos_token,
+            cfg.gspo.max_prompt_length + cfg.gspo.max_new_tokens,
+        )
+        for e in examples
+    ]
     step, reward, why = 0, None, ""
     bar = Progress(w.steps, "warm start", log, enabled=cfg.train.progress)
     for step in range(1, w.steps + 1):
@@ -84,8 +91,9 @@ def warm_start(cfg: Config, model_dir: str | Path, examples: list[Example], out_
     norm = params_norm(params)
     if not math.isfinite(norm):
         raise Diverged(f"warm start: the weights are not finite after step {step}; lower warm_start.lr")
-    return checkpoint.save_weights(model, tok, Path(out_dir), {"warm_start_steps": step, "warm_start_reward": reward,
-                                                               "stopped": why or None})
+    return checkpoint.save_weights(
+        model, tok, Path(out_dir), {"warm_start_steps": step, "warm_start_reward": reward, "stopped": why or None}
+    )
 
 
 def warm_start_optimizer(params, cfg: Config):
@@ -108,6 +116,6 @@ def _pad(tok, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, to
     ids = torch.full((len(rows), width), tok.pad_token_id)
     labels = torch.full((len(rows), width), -100)
     for r, (i, lab) in enumerate(rows):
-        ids[r, :len(i)] = torch.tensor(i)
-        labels[r, :len(lab)] = torch.tensor(lab)
+        ids[r, : len(i)] = torch.tensor(i)
+        labels[r, : len(lab)] = torch.tensor(lab)
     return ids, labels

@@ -23,6 +23,7 @@ trained); code that swaps parameter tensors for new ones (merging LoRA into the 
 `load_state_dict(assign=True)`, moving the model) leaves the recorded graphs pointing at the old storage until
 torch notices and records again, so do that between rollouts, never during one.
 """
+
 from __future__ import annotations
 
 import functools
@@ -62,27 +63,52 @@ def supported(model) -> bool:
     return all(type(layer) is StaticLayer for layer in StaticCache(config=model.config, max_cache_len=1).layers)
 
 
-def sample_static(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-                  eos_ids: set[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-                  row_seeds: torch.Tensor | None = None, rows: torch.Tensor | None = None, compile: bool = True):
+def sample_static(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    row_seeds: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    compile: bool = True,
+):
     """`gspo.rollout.sample` on a static KV cache; compile=False runs the same step eagerly (for checking it)."""
     if not supported(model):
-        raise StaticDecodeUnavailable("gspo.decode=static supports models whose every layer attends to the whole "
-                                      "sequence (no sliding window); use gspo.decode=eager for this model")
+        raise StaticDecodeUnavailable(
+            "gspo.decode=static supports models whose every layer attends to the whole "
+            "sequence (no sliding window); use gspo.decode=eager for this model"
+        )
     with _grouped_attention(model):
-        return plain(_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p,
-                             row_seeds, rows, compile))
+        return plain(
+            _decode(
+                model,
+                prompt_ids,
+                prompt_mask,
+                max_new_tokens,
+                eos_ids,
+                pad_id,
+                temperature,
+                top_p,
+                row_seeds,
+                rows,
+                compile,
+            )
+        )
 
 
-def _step(model, cache, cache_arg: str, tok, pos, attn, row_seeds, t, done, eos, pad_id: int, temperature: float,
-          top_p: float):
+def _step(
+    model, cache, cache_arg: str, tok, pos, attn, row_seeds, t, done, eos, pad_id: int, temperature: float, top_p: float
+):
     """Feed each row's last token (B,) at position pos (B, 1) into the static cache and pick the next one."""
     out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{cache_arg: cache})
     return pick(out.logits[:, -1, :], row_seeds, t, done, eos, pad_id, temperature, top_p)
 
 
-def _grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                  **kw):
+def _grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kw):
     """sdpa for one new token per row, with the query heads that share a key/value head attending to it together.
 
     transformers' sdpa does this outside torch.compile only; inside a compiled step it copies every key/value head
@@ -97,8 +123,9 @@ def _grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.
     B, H, _, D = query.shape
     # (B, H, 1, D) -> (B, H_kv, groups, D): a group's query heads become that key/value head's queries; the mask,
     # (B, 1, 1, L), is the same for all of them.
-    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(B, H // groups, groups, D), key, value,
-                                                           attn_mask=attention_mask, scale=scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(B, H // groups, groups, D), key, value, attn_mask=attention_mask, scale=scaling
+    )
     return out.reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
 
 
@@ -143,7 +170,7 @@ class _Pool:
         self.caches: dict = {}  # rows -> StaticCache
         self.steps: dict = {}  # rows -> compiled step
 
-    def cache(self, rows: int, like) -> "StaticCache":
+    def cache(self, rows: int, like) -> StaticCache:
         """The cache for `rows` slots; `like` is a cache of the same model (any batch) whose layers give the
         head counts, sizes, dtype and device."""
         from transformers import StaticCache
@@ -155,8 +182,9 @@ class _Pool:
             # A larger bucket: a new allocation, and every smaller bucket becomes a view of it (recompiled once).
             big = StaticCache(config=self.config, max_cache_len=self.L)
             for layer, src in zip(big.layers, like.layers):
-                layer.lazy_initialization(src.keys[:1].expand(rows, -1, -1, -1),
-                                          src.values[:1].expand(rows, -1, -1, -1))
+                layer.lazy_initialization(
+                    src.keys[:1].expand(rows, -1, -1, -1), src.values[:1].expand(rows, -1, -1, -1)
+                )
             old, self.caches, self.steps = list(self.caches), {rows: big}, {}
             for r in old:
                 self._view(r, like)
@@ -211,8 +239,9 @@ def _move(cache, to, keep: torch.Tensor) -> None:
 
 
 @torch.inference_mode()
-def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds, rows,
-            compile):
+def _decode(
+    model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds, rows, compile
+):
     device = prompt_ids.device
     eos = torch.tensor(sorted(eos_ids), device=device)
     # The prefill is sample's own: eager, each distinct prompt once.
@@ -259,8 +288,9 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
             if compile and device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
             try:
-                nxt = step(model, cache, cache_arg, tok, pos + t, attn, seeds, steps[t], done, eos, pad_id,
-                           temperature, top_p)
+                nxt = step(
+                    model, cache, cache_arg, tok, pos + t, attn, seeds, steps[t], done, eos, pad_id, temperature, top_p
+                )
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:
@@ -268,7 +298,8 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
                     raise
                 raise StaticDecodeUnavailable(
                     f"gspo.decode=static: the compiled decode step failed ({type(e).__name__}: {e}); "
-                    "set gspo.decode=eager to decode without torch.compile") from e
+                    "set gspo.decode=eager to decode without torch.compile"
+                ) from e
             # A CUDA graph writes its outputs to the same memory on every replay: keep copies.
             tok, lp, ent, done = (None if x is None else x.clone() for x in nxt)
             segments[-1][1].append((tok, lp, ent))

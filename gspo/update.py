@@ -12,14 +12,15 @@ The phases after scoring, each a public function the trainer (gspo.trainer) and 
 Rows of a global minibatch may live on several ranks: each rank trains its own and the loss is weighted to
 the global minibatch, so summed gradients equal one process's.
 """
+
 from __future__ import annotations
 
 import itertools
 import math
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -84,7 +85,7 @@ def micro_batches(idx: torch.Tensor, lens: torch.Tensor, prompt_width: int, budg
     out, i = [], 0
     while i < len(order):
         n = max(1, budget // (prompt_width + max(1, int(lens[order[i]]))))
-        out.append(order[i:i + n])
+        out.append(order[i : i + n])
         i += n
     return out
 
@@ -92,6 +93,7 @@ def micro_batches(idx: torch.Tensor, lens: torch.Tensor, prompt_width: int, budg
 @dataclass
 class Pass:
     """One forward/backward: rows on the rollout's device, and the columns any of them uses."""
+
     rows: torch.Tensor
     prompt_from: int  # first prompt column holding a token of one of the rows (prompts are left-padded)
     width: int  # completion columns up to the longest row's last token (at least 1)
@@ -109,21 +111,26 @@ def passes(roll: Rollout, plan: list[Minibatch]) -> list[list[Pass]]:
     sizes = [len(m) for m in idx]
     on_device, host = flat.to(roll.completion_ids.device).split(sizes), flat.tolist()
     bounds = list(itertools.accumulate(sizes, initial=0))
-    made = [Pass(on_device[k], min(P - max(plens[r] for r in rows), P - 1), max(1, max(clens[r] for r in rows)),
-                 idle[k])
-            for k, rows in enumerate(host[a:b] for a, b in zip(bounds, bounds[1:]))]
+    made = [
+        Pass(on_device[k], min(P - max(plens[r] for r in rows), P - 1), max(1, max(clens[r] for r in rows)), idle[k])
+        for k, rows in enumerate(host[a:b] for a, b in zip(bounds, bounds[1:]))
+    ]
     out, k = [], 0
     for mb in plan:
         n = len(mb.micro) + mb.idle
-        out.append(made[k:k + n])
+        out.append(made[k : k + n])
         k += n
     return out
 
 
 def trimmed(roll: Rollout, p: Pass):
     """The pass's rows with all-padding prompt and completion columns cut off."""
-    return (roll.prompt_ids[p.rows, p.prompt_from:], roll.prompt_mask[p.rows, p.prompt_from:],
-            roll.completion_ids[p.rows, :p.width], roll.completion_mask[p.rows, :p.width])
+    return (
+        roll.prompt_ids[p.rows, p.prompt_from :],
+        roll.prompt_mask[p.rows, p.prompt_from :],
+        roll.completion_ids[p.rows, : p.width],
+        roll.completion_mask[p.rows, : p.width],
+    )
 
 
 def autocast(device: torch.device):
@@ -143,7 +150,7 @@ def logprobs(model, roll: Rollout, plan: list[Minibatch], temperature: float) ->
             for p in mb_passes:
                 lp, _ = token_logprobs(model, *trimmed(roll, p), temperature=temperature)
                 if not p.idle:
-                    out[p.rows, :p.width] = lp.float()
+                    out[p.rows, : p.width] = lp.float()
     return out
 
 
@@ -173,11 +180,22 @@ def _check_norm(update: int, before: float, after: float) -> None:
         raise Diverged(f"update {update} took the weights' norm from {before:.4g} to {after:.4g}; lower optim.lr")
 
 
-def run_updates(model, opt, sched, params: list[torch.nn.Parameter], roll: Rollout, adv: torch.Tensor,
-                old_logp: torch.Tensor, ref_logp: torch.Tensor | None, plan: list[Minibatch], cfg: Config,
-                consecutive_skips: int = 0, norm_before: float | None = None,
-                after_backward: Callable[[torch.nn.Module, int], None] | None = None,
-                first_update: int = 0) -> UpdateResult:
+def run_updates(
+    model,
+    opt,
+    sched,
+    params: list[torch.nn.Parameter],
+    roll: Rollout,
+    adv: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    plan: list[Minibatch],
+    cfg: Config,
+    consecutive_skips: int = 0,
+    norm_before: float | None = None,
+    after_backward: Callable[[torch.nn.Module, int], None] | None = None,
+    first_update: int = 0,
+) -> UpdateResult:
     """The step's num_minibatches updates. A non-finite loss or gradient on any rank skips that update on all;
     after cfg.train.max_consecutive_skips in a row (counting `consecutive_skips` before this step) it stops.
     After each applied update the parameters' norm is checked: non-finite, or more than doubled by one update,
@@ -200,9 +218,17 @@ def run_updates(model, opt, sched, params: list[torch.nn.Parameter], roll: Rollo
             rows, T = p.rows, p.width
             with autocast(device):
                 logp, _ = token_logprobs(model, *trimmed(roll, p), temperature=g.temperature)
-            out = policy_loss(logp, old_logp[rows, :T], adv[rows], mask[rows, :T], level=g.importance_sampling_level,
-                              eps_low=eps_low, eps_high=eps_high,
-                              ref_logp=None if ref_logp is None else ref_logp[rows, :T], beta=g.beta)
+            out = policy_loss(
+                logp,
+                old_logp[rows, :T],
+                adv[rows],
+                mask[rows, :T],
+                level=g.importance_sampling_level,
+                eps_low=eps_low,
+                eps_high=eps_high,
+                ref_logp=None if ref_logp is None else ref_logp[rows, :T],
+                beta=g.beta,
+            )
             if p.idle:
                 (out.loss * 0).backward()
                 continue
@@ -211,8 +237,10 @@ def run_updates(model, opt, sched, params: list[torch.nn.Parameter], roll: Rollo
             (out.loss * (len(rows) / mb.size)).backward()
             res.stats = metrics.add(res.stats, out.stats)
         if len(mb.skipped):
-            res.stats = metrics.add(res.stats, metrics.skipped_rows(len(mb.skipped), mb.skipped_tokens,
-                                                                     g.importance_sampling_level == "token", mask))
+            res.stats = metrics.add(
+                res.stats,
+                metrics.skipped_rows(len(mb.skipped), mb.skipped_tokens, g.importance_sampling_level == "token", mask),
+            )
         if after_backward is not None:
             after_backward(model, first_update + i)
         for q in params:

@@ -5,6 +5,7 @@ train runs the library alone; run, evaluate and promote run the Prefect flows (o
 PREFECT_API_URL names one), retry reruns a failed flow run, worker serves the deployments; score-math,
 eval-code and config are file tools.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,14 @@ class Stopped(KeyboardInterrupt):
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (defaults when omitted)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override one config field; repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field; repeatable",
+    )
 
 
 def cmd_train(args) -> int:
@@ -92,9 +99,11 @@ def cmd_train(args) -> int:
             # Checked before anything is written: a run of another configuration is never resumed or overwritten.
             diff = differences(resume_sections(load_config(out / "config.yaml")), resume_sections(cfg))
             if diff:
-                raise ValueError(f"{out} holds a run of another configuration ({'; '.join(diff[:6])}"
-                                 f"{'; ...' if len(diff) > 6 else ''}); train into a new directory, or add --fresh "
-                                 f"to train in a subdirectory of it named by this configuration")
+                raise ValueError(
+                    f"{out} holds a run of another configuration ({'; '.join(diff[:6])}"
+                    f"{'; ...' if len(diff) > 6 else ''}); train into a new directory, or add --fresh "
+                    f"to train in a subdirectory of it named by this configuration"
+                )
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         model_dir = resolve_model(cfg.model, out / "base")
@@ -105,10 +114,20 @@ def cmd_train(args) -> int:
     res = train(cfg, model_dir, splits.train, splits.held_out, out / "train")
     if rank:
         return 0
-    print(json.dumps({"final": str(res.final_dir), "best": str(res.best_dir) if res.best_dir else None,
-                      "metrics": str(res.metrics_path), "steps": res.steps, "best_eval": res.best_eval,
-                      "skipped_updates": res.skipped_updates, "stopped_early": res.stopped_early,
-                      "world_size": world}))
+    print(
+        json.dumps(
+            {
+                "final": str(res.final_dir),
+                "best": str(res.best_dir) if res.best_dir else None,
+                "metrics": str(res.metrics_path),
+                "steps": res.steps,
+                "best_eval": res.best_eval,
+                "skipped_updates": res.skipped_updates,
+                "stopped_early": res.stopped_early,
+                "world_size": world,
+            }
+        )
+    )
     return 0
 
 
@@ -175,8 +194,10 @@ def _flow_run(flow, params: dict | None, flow_run_id: str | None):
         try:
             run = c.read_flow_run(flow_run_id)
         except (ObjectNotFound, ValueError):
-            raise ValueError(f"no flow run {flow_run_id} in the Prefect database at {os.environ['PREFECT_HOME']} "
-                             "(run gspo retry from the directory the flow run started in)") from None
+            raise ValueError(
+                f"no flow run {flow_run_id} in the Prefect database at {os.environ['PREFECT_HOME']} "
+                "(run gspo retry from the directory the flow run started in)"
+            ) from None
         by_name = {f.name: f for f in (train_eval, evaluate_model, promote)}
         name = c.read_flow(run.flow_id).name
         if name not in by_name:
@@ -275,6 +296,7 @@ def _log_to(path: Path) -> None:
 def _stop_on_signals():
     """SIGTERM and SIGINT raise Stopped in the flow, which closes its flow run and MLflow run as it unwinds;
     a second signal exits at once."""
+
     def handler(signum, frame):
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda *_: os._exit(128 + signum))
@@ -310,8 +332,10 @@ def _run_flow(args, flow=None, params: dict | None = None, flow_run_id: str | No
     api = os.environ.get("PREFECT_API_URL")
     run = None
     try:
-        with (contextlib.nullcontext(api) if api else temporary_server(log)) as url, \
-                temporary_settings({PREFECT_API_URL: url}):
+        with (
+            contextlib.nullcontext(api) if api else temporary_server(log) as url,
+            temporary_settings({PREFECT_API_URL: url}),
+        ):
             _log_to(log)
             try:
                 flow, run = _flow_run(flow, params, flow_run_id)
@@ -325,14 +349,20 @@ def _run_flow(args, flow=None, params: dict | None = None, flow_run_id: str | No
     except (Stopped, TerminationSignal) as e:
         sig = signal.Signals(e.signal) if isinstance(e, TerminationSignal) else signal.Signals[str(e)]
         retry = _retry_command(run.id) if run else "the same command"
-        print(f"gspo {args.cmd}: stopped by {sig.name}; the flow run is closed as crashed and its MLflow run as "
-              f"failed, finished stages are kept; retry with: {retry}", file=sys.stderr)
+        print(
+            f"gspo {args.cmd}: stopped by {sig.name}; the flow run is closed as crashed and its MLflow run as "
+            f"failed, finished stages are kept; retry with: {retry}",
+            file=sys.stderr,
+        )
         return 128 + sig.value
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         msg = result.args[0] if isinstance(result, KeyError) and result.args else result
-        print(f"gspo {args.cmd}: error: {msg} (flow run {run.id} failed; fix the cause, then retry with: "
-              f"{_retry_command(run.id)})", file=sys.stderr)
+        print(
+            f"gspo {args.cmd}: error: {msg} (flow run {run.id} failed; fix the cause, then retry with: "
+            f"{_retry_command(run.id)})",
+            file=sys.stderr,
+        )
         return 1
     print(json.dumps(result))
     return 0
@@ -343,18 +373,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def command(name: str, fn, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=fn.__doc__, epilog=EXAMPLES[name],
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=fn.__doc__,
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(fn=fn)
         return p
 
     p = command("train", cmd_train, "warm start + GSPO training, no orchestration")
     _add_config_args(p)
-    p.add_argument("--output", default="runs/train",
-                   help="output directory; rerunning the same configuration into it resumes from its last checkpoint, "
-                        "another configuration is refused")
-    p.add_argument("--fresh", action="store_true",
-                   help="train in OUTPUT/run-<hash of the configuration> instead, leaving what OUTPUT holds alone")
+    p.add_argument(
+        "--output",
+        default="runs/train",
+        help="output directory; rerunning the same configuration into it resumes from its last checkpoint, "
+        "another configuration is refused",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="train in OUTPUT/run-<hash of the configuration> instead, leaving what OUTPUT holds alone",
+    )
     p = command("run", cmd_run, "the whole train-and-evaluate Prefect flow; last line is a JSON summary")
     _add_config_args(p)
     p = command("evaluate", cmd_evaluate, "score a registered model version on the config's eval tasks")

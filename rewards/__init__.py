@@ -4,14 +4,16 @@ An example is anything with `.reference` (the gold answer / test program / label
 `gspo.data.Example` is the usual one. Rewards never raise into the caller: `score` turns an exception
 into a zero with the reason recorded, so one bad completion cannot stop training or evaluation.
 """
+
 from __future__ import annotations
 
 import importlib
 import inspect
 import pkgutil
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 
 @dataclass
@@ -30,6 +32,7 @@ def register(name: str) -> Callable[[RewardFn], RewardFn]:
     def deco(fn: RewardFn) -> RewardFn:
         _REGISTRY[name] = fn
         return fn
+
     return deco
 
 
@@ -75,8 +78,9 @@ def score(name: str, completion: str, example: Any, **options) -> RewardResult:
     return result
 
 
-def score_batch(name: str, completions: Sequence[str], examples: Sequence[Any], workers: int = 1,
-                **options) -> list[RewardResult]:
+def score_batch(
+    name: str, completions: Sequence[str], examples: Sequence[Any], workers: int = 1, **options
+) -> list[RewardResult]:
     """Score completions[i] against examples[i]; `workers` > 1 runs them in threads (sandboxed code rewards
     spend their time waiting on child processes, so threads overlap them); `options` as for `score`."""
     if len(completions) != len(examples):

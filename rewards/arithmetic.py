@@ -2,6 +2,7 @@
 
 Exact match (not "some number somewhere") is the task's definition: the policy must also learn to stop.
 """
+
 from __future__ import annotations
 
 import re

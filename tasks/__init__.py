@@ -3,6 +3,7 @@
 Importing this package sets offline-friendly defaults before Prefect or MLflow read their settings, so it
 must come before `import prefect` (flows/__init__.py imports it first). Values already in the environment win.
 """
+
 import logging
 import os
 

@@ -6,6 +6,7 @@ manifest of its files. Prefect's result records live beside the artifacts (`<art
 so deleting the artifact root also forgets the cache that points into it; deleting or damaging one stage's
 directory makes that stage a cache miss (see `Intact`).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -16,9 +17,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
@@ -169,7 +171,7 @@ def _relocate(value: Any, old: str, new: str) -> Any:
     if isinstance(value, list):
         return [_relocate(v, old, new) for v in value]
     if isinstance(value, str) and (value == old or value.startswith(old + os.sep)):
-        return new + value[len(old):]
+        return new + value[len(old) :]
     return value
 
 

@@ -6,6 +6,7 @@ A run records which process owns it (host, pid and the pid's start time). A proc
 a lost machine) cannot close its run, so every start first closes, as FAILED, the runs still RUNNING whose
 owner on this host is gone.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,6 +17,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
@@ -49,7 +51,7 @@ def _experiment(c: Client, name: str) -> str:
         return exp.experiment_id
     location = None
     if c.uri.startswith(SQLITE):  # artifacts beside the database, not in ./mlruns of whatever directory
-        location = (Path(c.uri[len(SQLITE):]).parent / "mlartifacts").as_uri()
+        location = (Path(c.uri[len(SQLITE) :]).parent / "mlartifacts").as_uri()
     try:
         return c.create_experiment(name, artifact_location=location)
     except Exception as e:
@@ -85,11 +87,12 @@ def start_run(cfg: Config, uri: str, flow_run_id: str, flow_run_name: str) -> tu
         for k, v in _owner().items():
             c.set_tag(run_id, k, v)
         return c, run_id
-    run = c.create_run(exp, run_name=flow_run_name,
-                       tags={FLOW_RUN_TAG: flow_run_id, "config_hash": cfg.section_hash(), **_owner()})
+    run = c.create_run(
+        exp, run_name=flow_run_name, tags={FLOW_RUN_TAG: flow_run_id, "config_hash": cfg.section_hash(), **_owner()}
+    )
     params = [Param(k, str(v)) for k, v in _flatten(cfg.to_dict()).items()]
     for i in range(0, len(params), 100):
-        c.log_batch(run.info.run_id, params=params[i:i + 100])
+        c.log_batch(run.info.run_id, params=params[i : i + 100])
     with tempfile.TemporaryDirectory() as d:
         save_config(cfg, Path(d) / "config.yaml")
         c.log_artifact(run.info.run_id, str(Path(d) / "config.yaml"))
@@ -132,10 +135,14 @@ def log_step_metrics(c: Client, run_id: str, path: str, prefix: str = "") -> Non
     if not rows or f"{prefix}{next(k for k in rows[0] if k != 'step')}" in c.get_run(run_id).data.metrics:
         return
     now = int(time.time() * 1000)
-    metrics = [Metric(f"{prefix}{k}", float(v), now, int(r["step"])) for r in rows for k, v in r.items()
-               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    metrics = [
+        Metric(f"{prefix}{k}", float(v), now, int(r["step"]))
+        for r in rows
+        for k, v in r.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ]
     for i in range(0, len(metrics), _BATCH):
-        c.log_batch(run_id, metrics=metrics[i:i + _BATCH])
+        c.log_batch(run_id, metrics=metrics[i : i + _BATCH])
 
 
 def log_scores(c: Client, run_id: str, results: dict) -> None:
@@ -145,8 +152,11 @@ def log_scores(c: Client, run_id: str, results: dict) -> None:
     for t, by_model in results.items():
         for which, m in by_model.items():
             # MLflow metric names cannot hold "@": pass@1 is logged as pass_at_1.
-            metrics += [Metric(f"eval/{t}/{which}/{k.replace('@', '_at_')}", float(v), now, 0) for k, v in m.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            metrics += [
+                Metric(f"eval/{t}/{which}/{k.replace('@', '_at_')}", float(v), now, 0)
+                for k, v in m.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            ]
         if {"base", "trained"} <= set(by_model):
             metrics.append(Metric(f"eval/{t}/delta", by_model["trained"]["score"] - by_model["base"]["score"], now, 0))
     c.log_batch(run_id, metrics=metrics)

@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,9 @@ def load_bench():
     import importlib.util
 
     def load(name: str):
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(
+            f"bench_{name}", Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        )
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod

@@ -1,4 +1,5 @@
 """Faults during training that must cost one sample, not the run."""
+
 from gspo.data import load_humaneval
 from gspo.scoring import score as _score
 
