@@ -89,7 +89,10 @@ def decoders(model, rows: int, prompt_len: int, device, T: int, compile: bool, T
     vocab = model.config.vocab_size
     ids, mask, which = prompts(vocab, rows, prompt_len, device)
     seeds = (torch.arange(rows, dtype=torch.int64) + 1000).to(device)
-    common = lambda n: (model, ids, mask, n, {vocab}, 0, 1.0, 1.0, seeds)
+
+    def common(n: int) -> tuple:
+        return (model, ids, mask, n, {vocab}, 0, 1.0, 1.0, seeds)
+
     return (
         lambda: sample(*common(T_eager or T), rows=which),
         lambda: sample_static(*common(T), rows=which, compile=compile),

@@ -32,6 +32,7 @@ every model. The last line is `ratio=<decode tokens/s over the bandwidth bound, 
 """
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -165,12 +166,12 @@ def ceilings(device: torch.device, dtype: torch.dtype, smoke: bool) -> dict:
     """The two ceilings on this device: dense matmul FLOP/s and copy bandwidth (bytes read + written)."""
     n = 256 if smoke else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    mm = timed(lambda: torch.matmul(a, b), device, 3, 10)
+    mm = timed(functools.partial(torch.matmul, a, b), device, 3, 10)
     del a, b
     elems = (1 << 22) if smoke else (1 << 30)  # 4.3 GB of fp32 on the GPU, under 2^31 elements
     src = torch.randn(elems, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
-    cp = timed(lambda: dst.copy_(src), device, 3, 10)
+    cp = timed(functools.partial(dst.copy_, src), device, 3, 10)
     nbytes = 2 * src.numel() * src.element_size()
     del src, dst
     free(device)

@@ -336,8 +336,9 @@ def run(a, work: Path) -> None:
 
     c = check_loss(cfg, model_dir, splits.train)
     print(
-        f"loss check: TRL {c['trl_loss']:.9f} ours {c['our_loss']:.9f}, log-prob max diff {c['logp_max_diff']:.1e}, "
-        f"grad max rel diff {c['grad_max_rel_diff']:.1e}, clip fraction {c['clip_frac']:.3f} (TRL {c['trl_clip_frac']:.3f})"
+        f"loss check: TRL {c['trl_loss']:.9f} ours {c['our_loss']:.9f}, "
+        f"log-prob max diff {c['logp_max_diff']:.1e}, grad max rel diff {c['grad_max_rel_diff']:.1e}, "
+        f"clip fraction {c['clip_frac']:.3f} (TRL {c['trl_clip_frac']:.3f})"
     )
     if not agree(c):
         sys.exit("loss check failed: the two trainers do not optimise the same objective")

@@ -119,8 +119,10 @@ def train_eval(config_path: str | None = None, overrides: list[str] | None = Non
             f"config hash: {cfg.section_hash()}",
             f"dataset hash: {snapshots['hash']}",
             f"base model: {lineage['base_model']}" + (" + warm start" if cfg.warm_start.steps else ""),
-            f"registered: {name} version {version}; after this run candidate is version {gate['candidate']} "
-            f"and champion is version {gate['champion']}",
+            (
+                f"registered: {name} version {version}; after this run candidate is version {gate['candidate']} "
+                f"and champion is version {gate['champion']}"
+            ),
             decision,
         ]
         rep = stage(report.build_report, root)(

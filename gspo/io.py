@@ -64,7 +64,7 @@ def atomic_dir(final: str | os.PathLike, replace: bool = True) -> Iterator[Path]
 
 def commit_dir(work: Path, final: Path, replace: bool = True) -> None:
     """Make a fully written directory durable and rename it to `final`."""
-    for root, dirs, files in os.walk(work):
+    for root, _dirs, files in os.walk(work):
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:

@@ -84,12 +84,18 @@ def policy_loss(
     low = (ratio < 1 - eps_low) & (A < 0)
     with torch.no_grad():
         if level == "token":  # fractions and ratios over completion tokens
-            count = lambda x: (x & m).sum().to(dtype)
+
+            def count(x: torch.Tensor) -> torch.Tensor:
+                return (x & m).sum().to(dtype)
+
             den = m.sum().to(dtype)
             r_sum = torch.where(m, ratio, 0.0).sum()
             r_min, r_max = torch.where(m, ratio, torch.inf).amin(), torch.where(m, ratio, -torch.inf).amax()
         else:  # over sequences; a GSPO-token sequence counts by the share of its tokens clipped
-            count = lambda x: (x.to(dtype) if level == "sequence" else seq_mean(x.to(dtype))).sum()
+
+            def count(x: torch.Tensor) -> torch.Tensor:
+                return (x.to(dtype) if level == "sequence" else seq_mean(x.to(dtype))).sum()
+
             den = n.new_full((), float(B))
             r = log_s.exp()
             r_sum, r_min, r_max = r.sum(), r.amin(), r.amax()

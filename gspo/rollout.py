@@ -39,7 +39,9 @@ class Rollout:
         return self._lengths
 
     def select(self, idx: torch.Tensor) -> Rollout:
-        pick = lambda x: None if x is None else x[idx]
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[idx]
+
         return Rollout(
             self.prompt_ids[idx],
             self.prompt_mask[idx],

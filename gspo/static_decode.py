@@ -30,10 +30,14 @@ import functools
 import types
 import weakref
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
 from gspo.sampling import pick, plain, prefill
+
+if TYPE_CHECKING:
+    from transformers import StaticCache
 
 CHECK_EVERY = 16  # tokens between host reads of how many rows still decode; each read waits for the GPU
 CACHE_ROUND = 256  # cache lengths are rounded up to this, so prompts of different widths share a compiled step

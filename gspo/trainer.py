@@ -422,8 +422,8 @@ def train(
     whole groups, and gradients are summed across ranks before each update, so the run follows the same
     trajectory as one process (sampling noise is per completion, not per batch). With train.sharding fsdp the
     ranks also split the weights, gradients and optimizer states (gspo.distributed). Rank 0 writes metrics and
-    checkpoints, in the same files whatever the sharding. `after_backward(model, update_index)` runs after each accumulated backward pass, before the
-    non-finite guard: a place for gradient surgery or fault injection.
+    checkpoints, in the same files whatever the sharding. `after_backward(model, update_index)` runs after each
+    accumulated backward pass, before the non-finite guard: a place for gradient surgery or fault injection.
 
     Raises ValueError when out_dir holds a run of another configuration or another process trains there,
     Stopped after a SIGTERM / SIGINT (with a checkpoint), and update.Diverged when the weights blow up (nothing

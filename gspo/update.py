@@ -113,7 +113,7 @@ def passes(roll: Rollout, plan: list[Minibatch]) -> list[list[Pass]]:
     bounds = list(itertools.accumulate(sizes, initial=0))
     made = [
         Pass(on_device[k], min(P - max(plens[r] for r in rows), P - 1), max(1, max(clens[r] for r in rows)), idle[k])
-        for k, rows in enumerate(host[a:b] for a, b in zip(bounds, bounds[1:]))
+        for k, rows in enumerate(host[a:b] for a, b in itertools.pairwise(bounds))
     ]
     out, k = [], 0
     for mb in plan:

@@ -125,7 +125,6 @@ def run_candidate(
 ) -> Verdict:
     """Run one completion against its problem's test. `timeout` bounds the whole run (loading the program
     and every call); `call_timeout` each call. Raises SandboxError only when the sandbox itself fails."""
-    box: Sandbox | None = None
     deadline = 0.0
 
     def remaining() -> float:

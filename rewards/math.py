@@ -19,6 +19,7 @@ reward hedging.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -161,10 +162,9 @@ def _final_spans(text: str):
     box = _boxed(text)
     if box is not None:
         yield "\\boxed", box
-    phrase = None
-    for phrase in _ANSWER_PHRASE.finditer(text):
-        pass
-    if phrase is not None:
+    last = collections.deque(_ANSWER_PHRASE.finditer(text), maxlen=1)
+    if last:
+        phrase = last[0]
         end = _SENTENCE_END.search(text, phrase.end())
         yield "answer phrase", text[phrase.end() : end.start() if end else len(text)]
 

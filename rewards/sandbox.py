@@ -582,7 +582,9 @@ class Sandbox:
         if self._status in self._fds:
             # The warden closes the status pipe when it exits, after everything the program started is gone.
             if not self._drain(self._status, 10.0, keep=False):
-                warnings.warn("sandbox: the warden did not finish cleaning up within 10 s", RuntimeWarning)
+                warnings.warn(
+                    "sandbox: the warden did not finish cleaning up within 10 s", RuntimeWarning, stacklevel=2
+                )
             elif self._outr in self._fds:
                 self._drain(self._outr, 1.0, keep=True)  # what it printed just before it ended
         for fd in self._fds:

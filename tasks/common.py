@@ -10,6 +10,7 @@ directory makes that stage a cache miss (see `Intact`).
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -48,8 +49,8 @@ class FilesRead(CachePolicy):
         for p in [Path(p) for p in self.files(inputs) if p]:
             h.update(str(p).encode() + b"\0")
             if p.is_file():
-                with open(p, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                with open(p, "rb") as fh:
+                    for chunk in iter(functools.partial(fh.read, 1 << 20), b""):
                         h.update(chunk)
             elif p.is_dir():
                 for f in sorted(q for q in p.rglob("*") if q.is_file()):

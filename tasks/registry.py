@@ -192,7 +192,7 @@ def fetch_version(tracking_uri: str, wait: float, name: str, version: str, check
             dst_path=str(dest),
             tracking_uri=tracking_uri,
         )
-        found = [p for p in dest.rglob("config.json")]
+        found = list(dest.rglob("config.json"))
         model_dir = found[0].parent if found else dest
         h = dir_hash(model_dir)
         if checkpoint_hash and h != checkpoint_hash:

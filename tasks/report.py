@@ -96,8 +96,9 @@ def score_rows(results: dict, names: dict[str, str]) -> list[list[str]]:
             for k, v in m["trained"].items()
             if k not in ("score", "n") and isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
-        for k in keys:
-            out.append([t, k, *(f"{m[label][k]:.4f}" for label in names), f"{m['trained'][k] - m['base'][k]:+.4f}"])
+        out.extend(
+            [t, k, *(f"{m[label][k]:.4f}" for label in names), f"{m['trained'][k] - m['base'][k]:+.4f}"] for k in keys
+        )
     return out
 
 
