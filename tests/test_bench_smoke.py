@@ -52,7 +52,7 @@ def test_turns_alternate_steps_and_let_the_last_one_finish(bench):
 
     def worker(name, steps):
         turns.begin(name)
-        for i in range(steps):
+        for _ in range(steps):
             log.append(name)  # only the thread holding the turn runs, so the log shows the order
             turns.step_done(name)
         turns.finish(name)

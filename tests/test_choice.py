@@ -135,10 +135,10 @@ def test_acc_norm_divides_by_ending_characters():
 
 def test_empty_input_and_empty_ending_are_errors(examples, tokenizer):
     model = tiny_model("gpt2", len(tokenizer))
-    with pytest.raises(ValueError, match="^no examples to score$"):
+    with pytest.raises(ValueError, match=r"^no examples to score$"):
         score_choices(model, tokenizer, [])
     bad = SimpleNamespace(id="x", reference=0, meta={"context": "c", "endings": ["a", "", "b", "d"]})
-    with pytest.raises(ValueError, match="^x: an ending is empty"):
+    with pytest.raises(ValueError, match=r"^x: an ending is empty"):
         score_choices(model, tokenizer, [bad])
 
 

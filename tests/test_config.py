@@ -47,8 +47,10 @@ def test_defaults_yaml_and_overrides_layer_in_that_order(tmp_path):
         (["gspo.group_size"], "expected section.field=value"),
         (
             ["eval.tasks=[arithmetic,mmlu]"],
-            "invalid config value eval.tasks: must be one or more of humaneval, gsm8k, "
-            "hellaswag, arithmetic, got ['arithmetic', 'mmlu']",
+            (
+                "invalid config value eval.tasks: must be one or more of humaneval, gsm8k, "
+                "hellaswag, arithmetic, got ['arithmetic', 'mmlu']"
+            ),
         ),
         (["eval.tasks=[]"], "invalid config value eval.tasks: must be one or more of"),
         (

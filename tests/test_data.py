@@ -196,15 +196,16 @@ def test_unknown_reward_and_source(tmp_path):
         load_examples("custom", path=path, reward="nope")
     assert str(err.value).startswith(f"{path}: unknown reward 'nope'; known rewards: ")
     assert "gsm8k" in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="^custom data needs both path= .* and reward= "):
+    with pytest.raises(ValueError, match=r"^custom data needs both path= .* and reward= "):
         load_examples("custom", path=path)
     with pytest.raises(
-        ValueError, match="^unknown data source 'squad'; choose one of humaneval, gsm8k, hellaswag, arithmetic, custom$"
+        ValueError,
+        match=r"^unknown data source 'squad'; choose one of humaneval, gsm8k, hellaswag, arithmetic, custom$",
     ):
         load_examples("squad")
     with pytest.raises(ValueError, match=r"^arithmetic: limit= is required"):
         load_examples("arithmetic")
-    with pytest.raises(ValueError, match="^gsm8k: unexpected options max_operand$"):
+    with pytest.raises(ValueError, match=r"^gsm8k: unexpected options max_operand$"):
         load_examples("gsm8k", path=path, max_operand=3)
 
 
@@ -240,7 +241,7 @@ def test_snapshot_failure_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "s") == []
     with pytest.raises(TypeError):  # not JSON-serialisable: fails before anything is written
         write_snapshot([Example(id="x", prompt="p", reference=object(), task="gsm8k")], tmp_path / "s")
-    with pytest.raises(ValueError, match="^no examples to snapshot$"):
+    with pytest.raises(ValueError, match=r"^no examples to snapshot$"):
         write_snapshot([], tmp_path / "s")
     assert os.listdir(tmp_path / "s") == []
 

@@ -83,7 +83,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     w1 = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     w0 = load_file(str(tmp_path / "tiny" / "model.safetensors"))
-    norm = lambda d: sum(float(v.double().pow(2).sum()) for v in d.values()) ** 0.5
+
+    def norm(d):
+        return sum(float(v.double().pow(2).sum()) for v in d.values()) ** 0.5
+
     moved = norm({k: w1[k] - w0[k] for k in w1})
     # Adam divides by sqrt(v): float noise in near-zero gradients becomes steps of up to ~lr, so the weights
     # are compared relative to how far training moved them.
@@ -105,7 +108,7 @@ def test_torchrun_launches_the_cli(tmp_path):
         "train",
         "--output",
         str(tmp_path / "run"),
-    ] + sum((["--set", c] for c in CFG), [])
+    ] + [a for c in CFG for a in ("--set", c)]
     proc = subprocess.run(
         cmd + ["--set", "train.steps=2"],
         capture_output=True,
@@ -227,7 +230,10 @@ def test_fsdp_steps_bf16_shards_with_the_rounding_optimizer_and_resumes_a_replic
     for a, b in zip(one, two):
         assert (a["reward_mean"], a["completion_len_mean"]) == (b["reward_mean"], b["completion_len_mean"])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-2)
-    as_float = lambda d: {k: v.float() for k, v in d.items()}
+
+    def as_float(d):
+        return {k: v.float() for k, v in d.items()}
+
     w0 = as_float(load_file(str(model_dir / "model.safetensors")))
     final = {n: as_float(load_file(str(tmp_path / n / "final" / "model.safetensors"))) for n in ("one", "two")}
     assert _apart(final["one"], final["two"], w0) < 0.2

@@ -67,7 +67,8 @@ def test_hand_values_sequence_token_with_per_token_advantages():
 
 
 def test_hand_values_token():
-    # ratios [1.105, 0.905, 1.350] with A = +1 (third clipped to 1.2); [1.0, 0.741] with A = -0.5 (second clipped to 0.8)
+    # ratios [1.105, 0.905, 1.350] with A = +1 (third clipped to 1.2);
+    # [1.0, 0.741] with A = -0.5 (second clipped to 0.8)
     out = hand("token", [1.0, -0.5], 0.2)
     row1 = (e(0.1) + e(-0.1) + 1.2) / 3
     row2 = (1.0 * -0.5 + 0.8 * -0.5) / 2
@@ -210,7 +211,7 @@ def test_gradcheck(level, per_token_adv, eps, scale):
 
 
 def test_bad_arguments_are_rejected():
-    logp, old, adv, mask, ref = batch(5, per_token_adv=True)
+    logp, old, adv, mask, _ref = batch(5, per_token_adv=True)
     with pytest.raises(ValueError, match="level"):
         policy_loss(logp, old, adv, mask, "seq")
     with pytest.raises(ValueError, match="advantages shape"):
@@ -272,7 +273,10 @@ def trl_compute_loss(level, logp, old, adv, mask, eps_low, eps_high, ref, beta):
       second clip `delta` we do not have; its k3 KL per token is the same as ours.
     """
     trainer = pytest.importorskip("trl.trainer.grpo_trainer")
-    identity = lambda x, **_: x
+
+    def identity(x, **_):
+        return x
+
     config = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
         importance_sampling_level=level,

@@ -352,14 +352,12 @@ def test_two_configs_at_once_keep_their_own_artifacts_and_runs(space):
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "gspo_cli", "run"]
-            + sum(
-                (
-                    ["--set", o]
-                    for o in space["base"]
-                    + [f"pipeline.registered_model={name}", f"optim.lr={lr}", f"warm_start.steps={ws}", "train.steps=2"]
-                ),
-                [],
-            ),
+            + [
+                a
+                for o in space["base"]
+                + [f"pipeline.registered_model={name}", f"optim.lr={lr}", f"warm_start.steps={ws}", "train.steps=2"]
+                for a in ("--set", o)
+            ],
             cwd=space["dir"],
             env=env,
             stdout=subprocess.PIPE,

@@ -44,7 +44,7 @@ def gspo(cwd: Path, *args: str, overrides=SMALL) -> subprocess.Popen:
     cwd/.gspo. Output goes to cwd/out.txt and cwd/err.txt."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "-m", "gspo_cli", *args, *sum((["--set", o] for o in overrides), [])]
+    cmd = [sys.executable, "-m", "gspo_cli", *args, *(a for o in overrides for a in ("--set", o))]
     with open(cwd / "out.txt", "w") as out, open(cwd / "err.txt", "w") as err:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
 
@@ -138,7 +138,7 @@ def two_first_runs(tmp_path_factory) -> tuple[Path, list[dict]]:
         with open(d / name / "out.txt", "w") as out, open(d / name / "err.txt", "w") as err:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "gspo_cli", "run", *sum((["--set", o] for o in SMALL), [])],
+                    [sys.executable, "-m", "gspo_cli", "run", *(a for o in SMALL for a in ("--set", o))],
                     cwd=d,
                     env=env,
                     stdout=out,

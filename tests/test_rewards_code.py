@@ -233,8 +233,10 @@ ATTACKS = {
     ),
     "always_equal_object": (
         "add",
-        "    class Eq:\n        def __eq__(self, other):\n            return True\n"
-        "        __hash__ = object.__hash__\n    return Eq()\n",
+        (
+            "    class Eq:\n        def __eq__(self, other):\n            return True\n"
+            "        __hash__ = object.__hash__\n    return Eq()\n"
+        ),
         set(),
     ),
     "rigged_int_subclass": (
@@ -262,22 +264,28 @@ ATTACKS = {
     ),
     "infinite_loop_ignoring_sigterm": (
         "add",
-        "    import signal\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "    signal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
-        "    while True:\n        pass\n",
+        (
+            "    import signal\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "    signal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
+            "    while True:\n        pass\n"
+        ),
         set(),
     ),
     "fork_bomb": (
         "add",
-        "    import os\n    while True:\n        try:\n            os.fork()\n"
-        "        except OSError:\n            pass\n",
+        (
+            "    import os\n    while True:\n        try:\n            os.fork()\n"
+            "        except OSError:\n            pass\n"
+        ),
         {"uid"},
     ),
     "thread_bomb": (
         "add",
-        "    import threading, time\n    while True:\n        try:\n"
-        "            threading.Thread(target=time.sleep, args=(60,)).start()\n"
-        "        except Exception:\n            pass\n",
+        (
+            "    import threading, time\n    while True:\n        try:\n"
+            "            threading.Thread(target=time.sleep, args=(60,)).start()\n"
+            "        except Exception:\n            pass\n"
+        ),
         {"uid"},
     ),
     "memory_bomb": ("add", "    hoard = []\n    while True:\n        hoard.append(b'x' * (64 << 20))\n", set()),
@@ -355,15 +363,19 @@ ATTACKS = {
     ),
     "posix_system": (
         "add",
-        "    import posix\n    rc = posix.system('echo pwned > @MARKER@; echo pwned >> @FILE@')\n"
-        "    return x + y if rc == 0 else None\n",
+        (
+            "    import posix\n    rc = posix.system('echo pwned > @MARKER@; echo pwned >> @FILE@')\n"
+            "    return x + y if rc == 0 else None\n"
+        ),
         {"mount"},
     ),
     "reloaded_os": (
         "add",
-        "    import importlib, os\n    fresh = importlib.reload(os)\n"
-        "    rc = fresh.system('touch @MARKER@ && rm -f @FILE@')\n"
-        "    return x + y if rc == 0 else None\n",
+        (
+            "    import importlib, os\n    fresh = importlib.reload(os)\n"
+            "    rc = fresh.system('touch @MARKER@ && rm -f @FILE@')\n"
+            "    return x + y if rc == 0 else None\n"
+        ),
         {"mount"},
     ),
     "loopback_connection": (
@@ -771,7 +783,7 @@ def test_training_and_evaluation_give_a_completion_the_same_verdict():
         "```python\n```",
     ]
     cfg = Config()
-    metrics, rows = score_code([example] * len(completions), completions, len(completions), cfg)
+    _metrics, rows = score_code([example] * len(completions), completions, len(completions), cfg)
     rewarded = rewards.score_batch(
         "humaneval", completions, [example] * len(completions), workers=2, timeout=cfg.eval.code_timeout
     )

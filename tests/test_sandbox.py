@@ -14,6 +14,7 @@ import sysconfig
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -382,7 +383,7 @@ def test_the_cgroups_hold_the_limits():
         for path in glob.glob(f"/sys/fs/cgroup/**/sandbox-{box.uid}", recursive=True):
             for name in ("pids.max", "memory.limit_in_bytes", "memory.max", "cpu.cfs_quota_us", "cpu.max"):
                 if os.path.exists(os.path.join(path, name)):
-                    found[name.split(".")[0]] = open(os.path.join(path, name)).read().split()[0]
+                    found[name.split(".")[0]] = Path(path, name).read_text().split()[0]
     expected = {"pids": "20", "memory": str(300 << 20), "cpu": "50000"}  # 50 ms of every 100 ms
     assert found == {key: expected[key] for key in ("pids", "memory", "cpu") if f"{key}_cgroup" in box.protections}
 
@@ -441,9 +442,11 @@ def writes():
 
 
 def test_missing_protections_are_named_in_one_warning():
-    with pytest.warns(RuntimeWarning, match="network namespace.*ipc namespace") as record:
-        with Sandbox(skip=("net", "ipc")) as box:
-            assert {"net", "ipc"} <= set(box.missing)
+    with (
+        pytest.warns(RuntimeWarning, match="network namespace.*ipc namespace") as record,
+        Sandbox(skip=("net", "ipc")) as box,
+    ):
+        assert {"net", "ipc"} <= set(box.missing)
     assert len(record) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -579,7 +582,7 @@ def test_protections_report():
 def test_the_fork_server_is_started_clean():
     """It runs isolated (-I -S): not from the caller's directory, which here holds rewards/math.py."""
     Sandbox().close()
-    cmdline = open(f"/proc/{sandbox._server.proc.pid}/cmdline").read().split("\0")
+    cmdline = Path(f"/proc/{sandbox._server.proc.pid}/cmdline").read_text().split("\0")
     assert cmdline[:3] == [sys.executable, "-I", "-S"]
 
 
@@ -1132,7 +1135,7 @@ def test_callers_in_nested_pid_namespaces_get_different_uids_and_cannot_touch_ea
     try:
         outer_uid, workdir = outer.stdout.readline().split()
         started[int(outer_uid)] = workdir
-        init = open(f"/proc/{outer.pid}/task/{outer.pid}/children").read().split()[0]  # pid 1 of the outer one
+        init = Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split()[0]  # pid 1 of the outer one
         inner = subprocess.Popen(
             ["nsenter", "--target", init, "--pid", "--mount", f"--wd={project}", "--"] + fresh_pid_namespace,
             cwd=project,

@@ -91,7 +91,10 @@ def test_finished_rows_leave_the_batch_and_the_tokens_stay_the_eager_ones(tiny):
     rows = torch.arange(48) % len(PROMPTS)
     seeds = torch.arange(48) + 7
     n = 3 * CHECK_EVERY
-    args = lambda eos: (model, ids, attn, n, eos, tok.pad_token_id, 1.0, 1.0, seeds)
+
+    def args(eos):
+        return (model, ids, attn, n, eos, tok.pad_token_id, 1.0, 1.0, seeds)
+
     free = sample(*args({model.config.vocab_size}), rows=rows)[0]
     early = free[:, :CHECK_EVERY]
     eos: set[int] = set()
@@ -125,7 +128,7 @@ def test_sliding_window_models_are_refused_with_the_config_field():
     )
     model = Qwen2ForCausalLM(cfg).eval()
     ids = torch.randint(2, 64, (2, 5))
-    with pytest.raises(StaticDecodeUnavailable, match="gspo.decode"):
+    with pytest.raises(StaticDecodeUnavailable, match=r"gspo\.decode"):
         sample_static(model, ids, torch.ones_like(ids), 4, {1}, 0, compile=False)
 
 
@@ -139,8 +142,13 @@ def test_compiled_step_decodes_what_the_eager_decoder_does_and_follows_weight_up
     ids = torch.randint(2, 64, (3, 10), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)
     attn[0, :4] = 0
-    args = lambda n, eos=frozenset({64}): (model, ids, attn, CHECK_EVERY + 4, eos, 0, 1.0, 1.0, torch.arange(n))
-    rows = lambda n: torch.arange(n) % 3
+
+    def args(n, eos=frozenset({64})):
+        return (model, ids, attn, CHECK_EVERY + 4, eos, 0, 1.0, 1.0, torch.arange(n))
+
+    def rows(n):
+        return torch.arange(n) % 3
+
     graphs = counters["stats"]["unique_graphs"]
     before = sample_static(*args(3), rows=rows(3))
     assert_same(sample(*args(3), rows=rows(3)), before)
@@ -196,7 +204,7 @@ def test_decode_attention_groups_query_heads_instead_of_copying_the_cache(tiny):
 
     from gspo.static_decode import GROUPED, _grouped_sdpa
 
-    model, tok, ids, attn, rows = tiny
+    model, tok, ids, attn, _rows = tiny
     attention = model.model.layers[0].self_attn
     assert attention.num_key_value_groups > 1
     seen = []

@@ -118,7 +118,7 @@ def _wait_for(proc, text: str) -> list[str]:
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_says_where_and_exits_143_and_resume_matches(tiny_dir, tmp_path, straight):
-    cfg, _, _, final = straight
+    cfg, _, _, _ = straight
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=0, steps=400))
     path = _config_file(tmp_path, cfg)
     out = tmp_path / "run"
@@ -256,9 +256,11 @@ def test_leftovers_of_killed_writes_are_removed_on_the_next_start(tiny_dir, tmp_
 def test_a_second_trainer_on_the_same_directory_is_refused_naming_the_holder(tiny_dir, tmp_path):
     cfg = load_config(None, SMALL + ["train.steps=1"])
     s = prepare_splits(cfg)
-    with checkpoint.RunLock(tmp_path):
-        with pytest.raises(ValueError, match=rf"is in use by another training process \(pid {os.getpid()}\)"):
-            train(cfg, tiny_dir, _dense(s.train), s.held_out, tmp_path)
+    with (
+        checkpoint.RunLock(tmp_path),
+        pytest.raises(ValueError, match=rf"is in use by another training process \(pid {os.getpid()}\)"),
+    ):
+        train(cfg, tiny_dir, _dense(s.train), s.held_out, tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
     train(cfg, tiny_dir, _dense(s.train), s.held_out, tmp_path)  # free again once the holder is done
 

@@ -241,10 +241,13 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
     m1 = (tmp_path / "straight" / "train" / "metrics.jsonl").read_text().splitlines()
     m2 = (tmp_path / "killed" / "train" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda rows: [
-        {k: v for k, v in json.loads(r).items() if not k.startswith(("time_", "tokens_per_s", "rollout_tokens"))}
-        for r in rows
-    ]
+
+    def strip(rows):
+        return [
+            {k: v for k, v in json.loads(r).items() if not k.startswith(("time_", "tokens_per_s", "rollout_tokens"))}
+            for r in rows
+        ]
+
     assert strip(m1) == strip(m2)
 
 
@@ -376,16 +379,18 @@ class _HostReads(torch.overrides.TorchFunctionMode):
     """Counts tensor reads by the host (item, bool, int, float, tolist, ...) made by gspo's own code: each one
     waits for the GPU to finish what was queued before it."""
 
-    READS = {
-        torch.Tensor.item,
-        torch.Tensor.tolist,
-        torch.Tensor.__bool__,
-        torch.Tensor.__int__,
-        torch.Tensor.__float__,
-        torch.Tensor.__index__,
-        torch.Tensor.cpu,
-        torch.Tensor.numpy,
-    }
+    READS = frozenset(
+        {
+            torch.Tensor.item,
+            torch.Tensor.tolist,
+            torch.Tensor.__bool__,
+            torch.Tensor.__int__,
+            torch.Tensor.__float__,
+            torch.Tensor.__index__,
+            torch.Tensor.cpu,
+            torch.Tensor.numpy,
+        }
+    )
 
     def __init__(self):
         super().__init__()
