@@ -29,9 +29,8 @@ class Task:
     eval_split: str | None = None
     eval_path: str | None = None  # the eval.* field naming its local evaluation file
     reads: dict[str, list[str]] = field(default_factory=dict)  # config fields its evaluation reads beyond EVAL_READS
-    workers: int = (
-        1  # completions its reward judges at once in training (threads: sandboxed programs wait on processes)
-    )
+    # completions its reward judges at once in training (threads: sandboxed programs wait on processes)
+    workers: int = 1
     meaning: str = ""  # what its evaluation score is, for reports; {n} is the number of examples scored
 
     def load(self) -> Callable:
