@@ -19,11 +19,15 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from gspo import distributed
 from gspo.models import save_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +101,7 @@ def _commit(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_model(model, tokenizer, out: Path, weights: dict | None) -> None:
+def _save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, weights: dict | None) -> None:
     """The model as transformers saves it; `weights`, when given, is its whole state dict gathered from the ranks
     of a sharded model (whose own parameters are shards)."""
     if weights is None:
@@ -107,7 +111,9 @@ def _save_model(model, tokenizer, out: Path, weights: dict | None) -> None:
         tokenizer.save_pretrained(out)
 
 
-def save_weights(model, tokenizer, out: Path, meta: dict, weights: dict | None = None) -> Path:
+def save_weights(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, meta: dict, weights: dict | None = None
+) -> Path:
     tmp = _atomic_dir(out)
     try:
         _save_model(model, tokenizer, tmp, weights)
@@ -122,10 +128,10 @@ def save_weights(model, tokenizer, out: Path, meta: dict, weights: dict | None =
 def save(
     out_dir: Path,
     step: int,
-    model,
-    tokenizer,
-    opt,
-    sched,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
     state: dict,
     rng: dict,
     keep: int,
@@ -190,7 +196,9 @@ def remove_unfinished(out_dir: Path) -> list[Path]:
     return gone
 
 
-def load(ckpt: Path, model, opt, sched) -> dict:
+def load(
+    ckpt: Path, model: PreTrainedModel, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler
+) -> dict:
     """Weights, optimizer and schedule from a checkpoint, whichever sharding wrote it; a sharded model takes its
     shards of the whole tensors (every rank reads the files, memory-mapped)."""
     sharded = distributed.is_sharded(model)
@@ -209,11 +217,11 @@ def load(ckpt: Path, model, opt, sched) -> dict:
     return saved
 
 
-def _is_peft(model) -> bool:
+def _is_peft(model: PreTrainedModel) -> bool:
     return hasattr(model, "merge_and_unload")
 
 
-def _load_full_weights(model, model_dir: Path) -> None:
+def _load_full_weights(model: PreTrainedModel, model_dir: Path) -> None:
     """Copy the saved safetensors shards into the live model, so the optimizer keeps its parameter objects."""
     from safetensors.torch import load_file
 
@@ -270,7 +278,7 @@ class RunLock:
 
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / ".lock"
-        self.fd = None
+        self.fd: int | None = None
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,5 +297,7 @@ class RunLock:
         self.fd = fd
         return self
 
-    def __exit__(self, *exc):
-        os.close(self.fd)
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

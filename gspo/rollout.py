@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from gspo import distributed, static_decode
-from gspo.sampling import pick, plain, prefill
+from gspo.sampling import Decoded, pick, plain, prefill
 from gspo.static_decode import StaticDecodeUnavailable, sample_static
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,9 @@ class Rollout:
         )
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     tokenizer.truncation_side = "left"  # keep the end of a long prompt: that is where the question is
     enc = tokenizer(
         prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length, add_special_tokens=False
@@ -73,7 +79,7 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: set[int]) -> tuple[to
     return mask, ~is_eos.any(dim=1)
 
 
-def eos_token_ids(tokenizer, model) -> set[int]:
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> set[int]:
     ids = {tokenizer.eos_token_id}
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
     ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
@@ -81,7 +87,7 @@ def eos_token_ids(tokenizer, model) -> set[int]:
 
 
 def sample(
-    model,
+    model: PreTrainedModel,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     max_new_tokens: int,
@@ -92,7 +98,7 @@ def sample(
     row_seeds: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     lockstep: bool = False,
-):
+) -> Decoded:
     """Decode up to max_new_tokens with a KV cache; greedy when row_seeds is None.
 
     rows (B,), when given, is the prompt each completion continues (an index into prompt_ids): each distinct
@@ -124,8 +130,18 @@ def sample(
 
 
 def _decode(
-    model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds, rows, lockstep
-):
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    pad_id: int,
+    temperature: float,
+    top_p: float,
+    row_seeds: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    lockstep: bool,
+) -> Decoded:
     eos = torch.tensor(sorted(eos_ids), device=prompt_ids.device)
     attn = prompt_mask
     logits, cache, last_pos, cache_arg = prefill(model, prompt_ids, prompt_mask)
@@ -135,10 +151,12 @@ def _decode(
         logits, attn, next_pos = logits[rows], attn[rows], next_pos[rows]
     B = attn.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
-    tokens, logps, ents = [], [], []
+    tokens: list[torch.Tensor] = []
+    logps: list[torch.Tensor] = []
+    ents: list[torch.Tensor] = []
     for t in range(max_new_tokens):
         nxt, lp, ent, done = pick(logits, row_seeds, t, done, eos, pad_id, temperature, top_p)
-        if row_seeds is not None:
+        if lp is not None and ent is not None:
             logps.append(lp)
             ents.append(ent)
         tokens.append(nxt)
@@ -160,7 +178,7 @@ def _decode(
 _eager_only: weakref.WeakSet = weakref.WeakSet()  # models whose static step failed under gspo.decode=auto
 
 
-def resolve_decode(decode: str, model) -> str:
+def resolve_decode(decode: str, model: PreTrainedModel) -> str:
     """gspo.decode as it applies to `model`: auto is static on CUDA when the static path supports the model (every
     layer full attention, weights not sharded) and its compiled step has not failed on it; eager otherwise."""
     if decode != "auto":
@@ -177,8 +195,8 @@ def resolve_decode(decode: str, model) -> str:
 
 @torch.no_grad()
 def generate(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     group_size: int,
     max_new_tokens: int,
@@ -203,7 +221,7 @@ def generate(
     mode = resolve_decode(decode, model)
     was_training = model.training
     model.eval()
-    chunks = []
+    chunks, logps, ents = [], [], []
     step = batch_size or n_rows
     for i in range(0, n_rows, step):
         j = min(i + step, n_rows)  # completion rows i .. j-1; a chunk may start or end inside a group
@@ -219,7 +237,7 @@ def generate(
             tokenizer.pad_token_id,
             temperature,
             top_p,
-            row_seeds[i:j].to(device) if do_sample else None,
+            row_seeds[i:j].to(device) if row_seeds is not None and do_sample else None,
         )
         if mode == "static":
             try:
@@ -232,7 +250,10 @@ def generate(
                 mode = "eager"
         if mode == "eager":
             out = sample(*args, rows=rows, lockstep=distributed.is_sharded(model))
-        chunks.append((ids[rows], attn[rows]) + out)
+        chunks.append((ids[rows], attn[rows], out[0]))
+        if out[1] is not None and out[2] is not None:
+            logps.append(out[1])
+            ents.append(out[2])
     model.train(was_training)
     prompt_ids = _cat_left([c[0] for c in chunks], tokenizer.pad_token_id)
     prompt_mask = _cat_left([c[1] for c in chunks], 0)
@@ -242,30 +263,30 @@ def generate(
     texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
     logp = entropy = None
     if do_sample:
-        logp = _cat_right([c[3] for c in chunks], 0.0) * mask
-        entropy = _cat_right([c[4] for c in chunks], 0.0) * mask
+        logp = _cat_right(logps, 0.0) * mask
+        entropy = _cat_right(ents, 0.0) * mask
     return Rollout(prompt_ids, prompt_mask, comp, mask, truncated, texts, logp, entropy)
 
 
-def _cat_left(ts: list[torch.Tensor], pad: int) -> torch.Tensor:
+def _cat_left(ts: list[torch.Tensor], pad: float) -> torch.Tensor:
     width = max(t.shape[1] for t in ts)
     return torch.cat([torch.nn.functional.pad(t, (width - t.shape[1], 0), value=pad) for t in ts])
 
 
-def _cat_right(ts: list[torch.Tensor], pad: int) -> torch.Tensor:
+def _cat_right(ts: list[torch.Tensor], pad: float) -> torch.Tensor:
     width = max(t.shape[1] for t in ts)
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in ts])
 
 
 def token_logprobs(
-    model,
-    prompt_ids,
-    prompt_mask,
-    completion_ids,
-    completion_mask,
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
-):
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log pi(y_t) of the completion tokens, (B, T); and the per-token entropy when asked.
 
     Logits are divided by the sampling temperature so the ratio compares the distributions that were sampled.

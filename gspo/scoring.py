@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 import rewards
 from gspo.config import Config
 from gspo.data import Example, format_prompt
 from gspo.rollout import generate
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def score(
@@ -24,8 +29,9 @@ def score(
     per_task = {}
     for task, rows in by_task.items():
         # Sandboxed programs: the timeout and parallelism evaluation uses, so both judge alike.
-        options = {"workers": e.workers, "timeout": e.code_timeout} if task == "humaneval" else {}
-        results = rewards.score_batch(task, [texts[i] for i in rows], [examples[i] for i in rows], **options)
+        # Sandboxed programs: the timeout and parallelism evaluation uses, so both judge alike.
+        workers, options = (e.workers, {"timeout": e.code_timeout}) if task == "humaneval" else (1, {})
+        results = rewards.score_batch(task, [texts[i] for i in rows], [examples[i] for i in rows], workers, **options)
         for i, r in zip(rows, results):
             scores[i] = float(r.score)
         per_task[task] = [scores[i] for i in rows]
@@ -33,7 +39,9 @@ def score(
 
 
 @torch.no_grad()
-def greedy_reward(model, tok, examples: list[Example], cfg: Config, batch_size: int = 64) -> float:
+def greedy_reward(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: list[Example], cfg: Config, batch_size: int = 64
+) -> float:
     """Mean reward of greedy completions: the held-out score that keeps the best checkpoint."""
     if not examples:
         return float("nan")

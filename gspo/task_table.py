@@ -34,6 +34,8 @@ class Task:
     meaning: str = ""  # what its evaluation score is, for reports; {n} is the number of examples scored
 
     def load(self) -> Callable:
+        if self.loader is None:
+            raise ValueError(f"task {self.name!r} has no loader")
         module, fn = self.loader.split(":")
         return getattr(importlib.import_module(module), fn)
 

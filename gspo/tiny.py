@@ -7,11 +7,15 @@ would load a hub model. No network is touched.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from gspo.arithmetic import problem_space
 from gspo.io import atomic_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 SPECIALS = ["<|pad|>", "<|endoftext|>", "<|bos|>"]
 
@@ -32,7 +36,7 @@ def eval_op(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def build_tokenizer(vocab_size: int = 256):
+def build_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -62,7 +66,7 @@ def build_tokenizer(vocab_size: int = 256):
     )
 
 
-def build_model(vocab_size: int, seed: int = 0, hidden: int = 128, layers: int = 4, heads: int = 4):
+def build_model(vocab_size: int, seed: int = 0, hidden: int = 128, layers: int = 4, heads: int = 4) -> Qwen2ForCausalLM:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(
@@ -78,7 +82,7 @@ def build_model(vocab_size: int, seed: int = 0, hidden: int = 128, layers: int =
         bos_token_id=2,
         eos_token_id=1,
         pad_token_id=0,
-        torch_dtype="float32",
+        dtype="float32",
     )
     g = torch.random.fork_rng()
     with g:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -29,6 +30,10 @@ from gspo.models import load_model, load_tokenizer, use_threads
 from gspo.optim import make_optimizer, make_scheduler
 from gspo.progress import Progress
 from gspo.rollout import Rollout, generate
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ class PromptSampler:
         self.n, self.seed, self.state = n, seed, state
 
     def take(self, k: int) -> list[int]:
-        out = []
+        out: list[int] = []
         while len(out) < k:
             order = np.random.default_rng([self.seed, self.state.epoch]).permutation(self.n)
             take = min(k - len(out), self.n - self.state.position)
@@ -90,7 +95,7 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def sampler_logprobs_are_exact(model, device: torch.device) -> bool:
+def sampler_logprobs_are_exact(model: PreTrainedModel, device: torch.device) -> bool:
     """Whether the decoder's own log-probs may stand in for a fresh forward's as the old log-probs.
 
     In fp32 on the CPU, without autocast, the KV-cache decoder's log-probs equal a full forward's to about 1e-6
@@ -101,7 +106,15 @@ def sampler_logprobs_are_exact(model, device: torch.device) -> bool:
     )
 
 
-def rollout(model, tok, prompts: list[str], cfg: Config, step: int, first_row: int, n_rows: int) -> Rollout:
+def rollout(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: list[str],
+    cfg: Config,
+    step: int,
+    first_row: int,
+    n_rows: int,
+) -> Rollout:
     """group_size sampled completions per prompt; this rank's rows start at global row first_row of n_rows."""
     g = cfg.gspo
     seeds = update.row_seeds(cfg.train.seed, step, n_rows, first_row, len(prompts) * g.group_size)
@@ -262,7 +275,9 @@ class Run:
             checkpoint.truncate_metrics(self.metrics_path, self.state.step)
             log.info("resumed from %s (step %d)", ckpt, self.state.step)
 
-    def step(self, stop: list[int], after_backward=None) -> dict | None:
+    def step(
+        self, stop: list[int], after_backward: Callable[[torch.nn.Module, int], None] | None = None
+    ) -> dict | None:
         """One rollout batch, in phases; None when a stop was requested before its updates (nothing changed)."""
         cfg, g = self.cfg, self.cfg.gspo
         t0 = time.perf_counter()
@@ -274,6 +289,7 @@ class Run:
         roll = rollout(
             self.model, self.tok, [self.prompts[i] for i in ids], cfg, self.state.step, self.first_row, self.n_rows
         )
+        assert roll.logp is not None and roll.entropy is not None  # sampled, so the decoder reported both
         t1 = time.perf_counter()
         # 2. rewards and group advantages
         reward, per_task = scoring.score(roll.texts, examples, cfg)
@@ -290,7 +306,7 @@ class Run:
         old_logp = roll.logp if self.exact_sampler else update.logprobs(self.model, roll, plan, g.temperature)
         ref_logp = None
         if g.beta > 0:
-            with self.model.disable_adapter() if self.ref is None else nullcontext():
+            with cast("PeftModel", self.model).disable_adapter() if self.ref is None else nullcontext():
                 ref_logp = update.logprobs(self.ref or self.model, roll, plan, g.temperature)
         # 4. num_minibatches clipped updates
         res = update.run_updates(
@@ -325,7 +341,7 @@ class Run:
             distributed.gather(x, self.device) for x in (reward, adv.cpu(), lens, roll.truncated.float())
         )
         per_task = distributed.gather_lists(per_task)
-        ent_sum, ent_n, zero_groups, n_tokens, trained = distributed.sum_floats(
+        ent_sum, ent_n, zero_groups_all, n_tokens, trained = distributed.sum_floats(
             [
                 float((roll.entropy * mask).sum()),
                 float(mask.sum()),
@@ -341,7 +357,7 @@ class Run:
                 reward,
                 per_task,
                 adv,
-                zero_groups / g.prompts_per_step,
+                zero_groups_all / g.prompts_per_step,
                 trained / self.n_rows,
                 res,
                 ent_sum / max(ent_n, 1.0),
@@ -356,7 +372,7 @@ class Run:
             "time_update_s": t3 - t2,
         }
 
-    def finish_step(self, m: dict, on_step, stop: list[int]) -> bool:
+    def finish_step(self, m: dict, on_step: Callable[[dict], None] | None, stop: list[int]) -> bool:
         """Evaluation, the metrics line, the checkpoint; True when training must end here."""
         t, st = self.cfg.train, self.state
         stopped = self.stopped_early

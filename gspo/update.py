@@ -18,9 +18,10 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from gspo.config import Config
 from gspo.errors import Diverged
 from gspo.loss import policy_loss
 from gspo.rollout import Rollout, token_logprobs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -69,8 +73,8 @@ def make_plan(roll: Rollout, adv: torch.Tensor, cfg: Config, step: int, first: i
         micro = micro_batches(mine[keep], lens, roll.prompt_ids.shape[1], cfg.optim.micro_batch_tokens)
         out.append(Minibatch(len(mb), micro, mine[~keep], int(lens[mine[~keep]].sum())))
     if cfg.train.sharding == "fsdp":
-        for mb, most in zip(out, distributed.max_ints([len(mb.micro) for mb in out], adv.device)):
-            mb.idle = most - len(mb.micro)
+        for minibatch, most in zip(out, distributed.max_ints([len(m.micro) for m in out], adv.device)):
+            minibatch.idle = most - len(minibatch.micro)
     return out
 
 
@@ -123,7 +127,7 @@ def passes(roll: Rollout, plan: list[Minibatch]) -> list[list[Pass]]:
     return out
 
 
-def trimmed(roll: Rollout, p: Pass):
+def trimmed(roll: Rollout, p: Pass) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pass's rows with all-padding prompt and completion columns cut off."""
     return (
         roll.prompt_ids[p.rows, p.prompt_from :],
@@ -133,12 +137,12 @@ def trimmed(roll: Rollout, p: Pass):
     )
 
 
-def autocast(device: torch.device):
+def autocast(device: torch.device) -> torch.autocast | nullcontext:
     # bf16 autocast only on CUDA: on CPU it is slow, and CPU weights are fp32 or already bf16.
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def logprobs(model, roll: Rollout, plan: list[Minibatch], temperature: float) -> torch.Tensor:
+def logprobs(model: PreTrainedModel, roll: Rollout, plan: list[Minibatch], temperature: float) -> torch.Tensor:
     """(len(roll), T) log-probs of every planned row under `model`, no gradient, zero on rows not planned.
 
     Computed pass by pass as the update computes them, in training mode (dropout is always off, gspo.models):
@@ -164,12 +168,12 @@ class UpdateResult:
     norm: float = math.nan  # the parameters' norm after the last applied update
 
 
-def params_norm(params: list[torch.Tensor]) -> float:
+def params_norm(params: Sequence[torch.Tensor]) -> float:
     """Total L2 norm of the parameters: one fused pass, one host read."""
     return float(distributed.total_norm([p.detach() for p in params]))
 
 
-def _zero_grad(opt, params: list[torch.nn.Parameter]) -> None:
+def _zero_grad(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
     opt.zero_grad(set_to_none=True)
     for q in params:  # sharded, the optimizer holds views of the parameters, not the parameters themselves
         q.grad = None
@@ -181,9 +185,9 @@ def _check_norm(update: int, before: float, after: float) -> None:
 
 
 def run_updates(
-    model,
-    opt,
-    sched,
+    model: PreTrainedModel,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
     params: list[torch.nn.Parameter],
     roll: Rollout,
     adv: torch.Tensor,
@@ -250,13 +254,13 @@ def run_updates(
                 q.grad = torch.zeros_like(q)
         finite = distributed.all_min(finite)
         distributed.sum_gradients(params)
-        total = distributed.total_norm([q.grad for q in params])
+        total = distributed.total_norm(distributed.grads(params))
         read = torch.stack([finite.double(), total.double()] + ([pending[1].double()] if pending else [])).tolist()
         if pending:
             _check_norm(pending[0], norm, read[2])
             norm, pending = read[2], None
         ok = read[0] > 0 and math.isfinite(read[1])
-        res.lrs.append(sched.get_last_lr()[0])
+        res.lrs.append(float(sched.get_last_lr()[0]))
         if ok:
             if o.grad_clip > 0:
                 distributed.clip_gradients(params, o.grad_clip, total)

@@ -68,7 +68,7 @@ def _checked(name: str, options: dict) -> RewardFn:
     return fn
 
 
-def score(name: str, completion: str, example: Any, **options) -> RewardResult:
+def score(name: str, completion: str, example: Any, **options: Any) -> RewardResult:
     """The reward's verdict; `options` go to the reward (humaneval: `timeout`, seconds per program)."""
     fn = _checked(name, options)
     try:
@@ -79,7 +79,7 @@ def score(name: str, completion: str, example: Any, **options) -> RewardResult:
 
 
 def score_batch(
-    name: str, completions: Sequence[str], examples: Sequence[Any], workers: int = 1, **options
+    name: str, completions: Sequence[str], examples: Sequence[Any], workers: int = 1, **options: Any
 ) -> list[RewardResult]:
     """Score completions[i] against examples[i]; `workers` > 1 runs them in threads (sandboxed code rewards
     spend their time waiting on child processes, so threads overlap them); `options` as for `score`."""

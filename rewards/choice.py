@@ -9,15 +9,20 @@ index as `reference` (see `gspo.data.load_hellaswag`).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rewards import RewardResult, register
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 LETTERS = "ABCD"
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of context and continuation, split the way the harness splits them: trailing spaces move
     to the continuation, and the continuation is whatever the joint text has beyond the context's tokens."""
     n_spaces = len(context) - len(context.rstrip())
@@ -29,7 +34,12 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 @torch.inference_mode()
-def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 8, device=None) -> list[float]:
+def loglikelihoods(
+    model: PreTrainedModel,
+    requests: list[tuple[list[int], list[int]]],
+    batch_size: int = 8,
+    device: torch.device | None = None,
+) -> list[float]:
     """Summed log-probability of each continuation given its context, right-padded batches, one forward each."""
     device = device or next(model.parameters()).device
     max_len = getattr(model.config, "max_position_embeddings", None)
@@ -62,11 +72,18 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
     return out
 
 
-def score_choices(model, tokenizer, examples, batch_size: int = 8, device=None) -> dict:
+def score_choices(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Any],
+    batch_size: int = 8,
+    device: torch.device | None = None,
+) -> dict:
     """acc and acc_norm over `examples`, plus one prediction record per example."""
     if not examples:
         raise ValueError("no examples to score")
-    requests, spans = [], []
+    requests: list[tuple[list[int], list[int]]] = []
+    spans = []
     for e in examples:
         endings = e.meta["endings"]
         if not all(endings):
@@ -126,7 +143,7 @@ def extract_choice(completion: str, endings: list[str] | None = None) -> tuple[i
 
 @register("choice")
 @register("hellaswag")
-def choice_reward(completion: str, example) -> RewardResult:
+def choice_reward(completion: str, example: Any) -> RewardResult:
     endings = example.meta.get("endings")
     gold = int(example.reference)
     index, how = extract_choice(completion, endings)

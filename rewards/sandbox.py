@@ -48,7 +48,9 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 # Flags from <sched.h>, <sys/mount.h>, <linux/prctl.h>, <linux/seccomp.h>; stable Linux ABI on every architecture.
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = (
@@ -142,7 +144,7 @@ class ProgramError(Exception):
 # ---------------------------------------------------------------- plain data across the pipe
 
 
-def encode(value, depth: int = 0, convert: bool = False):
+def encode(value: Any, depth: int = 0, convert: bool = False) -> Any:
     """Plain data -> JSON-able tags. Exact types only: subclasses (an int with a rigged __eq__) are refused.
 
     `convert` (the program's side, for its return values) first turns numpy scalars and arrays into Python
@@ -166,7 +168,7 @@ def encode(value, depth: int = 0, convert: bool = False):
     if t is bytes:
         return ["b", value.hex()]
     if t in (list, tuple, set, frozenset):
-        return [{list: "l", tuple: "t", set: "s", frozenset: "F"}[t], [encode(v, depth + 1, convert) for v in value]]
+        return [_COLLECTION_TAGS[t], [encode(v, depth + 1, convert) for v in value]]
     if t is dict:
         return ["d", [[encode(k, depth + 1, convert), encode(v, depth + 1, convert)] for k, v in value.items()]]
     raise TypeError(
@@ -174,8 +176,9 @@ def encode(value, depth: int = 0, convert: bool = False):
     )
 
 
+_COLLECTION_TAGS: dict[type, str] = {list: "l", tuple: "t", set: "s", frozenset: "F"}
 _PLAIN = {type(None), bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict}
-_BASES = (
+_BASES: tuple[tuple[type, Callable[[Any], Any]], ...] = (
     (int, int.__int__),
     (float, float.__float__),
     (complex, complex.__complex__),
@@ -189,7 +192,7 @@ _BASES = (
 )
 
 
-def _as_plain(value):
+def _as_plain(value: Any) -> Any:
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return value.tolist()  # scalars -> int/float/bool/complex/str, arrays -> nested lists
     for base, to_base in _BASES:
@@ -198,7 +201,7 @@ def _as_plain(value):
     return value
 
 
-def decode(data, depth: int = 0):
+def decode(data: Any, depth: int = 0) -> Any:
     """The inverse of `encode`, strict: anything else raises ValueError (the other side may be hostile)."""
     if depth > MAX_DEPTH:
         raise ValueError(f"value nested more than {MAX_DEPTH} deep")
@@ -236,7 +239,7 @@ def decode(data, depth: int = 0):
     raise ValueError(f"malformed value with tag {tag[:10]!r}")
 
 
-def _refuse_hash_flood(keys) -> None:
+def _refuse_hash_flood(keys: list) -> None:
     # Ints and floats with equal hashes are easy to craft; thousands of them make building a set or dict
     # quadratic, which would stall the trusted side. Honest data almost never has many equal hashes.
     counts: dict[int, int] = {}
@@ -294,7 +297,7 @@ def _remote_exception(name: str, message: str) -> Exception:
     return ProgramError(f"{name}: {message}" if message else name)
 
 
-def _frame(obj) -> bytes:
+def _frame(obj: Any) -> bytes:
     """Length-prefixed JSON in which `"`, `\\`, `[` and `]` occur only as syntax (see `_parse_reply`)."""
     text = json.dumps(obj, separators=(",", ":")).replace("\\\\", "\\u005c").replace('\\"', "\\u0022")
     parts = text.split('"')  # now every quote delimits a string: the odd parts are their contents
@@ -403,7 +406,13 @@ class Sandbox:
     (after which every call raises the same). `output` is the captured stdout+stderr (capped).
     """
 
-    def __init__(self, limits: Limits | None = None, skip=(), packages=(), start_timeout: float = 30.0):
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        skip: Sequence[str] = (),
+        packages: Sequence[str] = (),
+        start_timeout: float = 30.0,
+    ) -> None:
         bad = set(skip) - set(SKIPPABLE)
         if bad:
             raise ValueError(f"cannot skip {sorted(bad)}; skippable: {', '.join(SKIPPABLE)}")
@@ -412,8 +421,10 @@ class Sandbox:
         self.uid: int | None = None
         self._open, self._dir, self._pid = True, None, os.getpid()
         _live.add(self)
-        self._buf, self._out, self._out_len, self._fds = bytearray(), bytearray(), 0, []
-        self._ctl = self._status = self._req = self._rep = self._outr = None  # our ends of the five pipes
+        self._buf, self._out, self._out_len = bytearray(), bytearray(), 0
+        self._fds: list[int] = []
+        # Our ends of the five pipes; -1 until made.
+        self._ctl = self._status = self._req = self._rep = self._outr = -1
         try:
             # Without a mount namespace, `work` inside it is the working directory; the directory itself stays
             # ours, so the program cannot rename or replace it. The warden removes it when the program is gone.
@@ -467,12 +478,14 @@ class Sandbox:
         """Run the program's top level (imports, definitions)."""
         self._request(["exec", source], timeout)
 
-    def call(self, name: str, args=(), kwargs=None, timeout: float = 3.0):
+    def call(
+        self, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, timeout: float = 3.0
+    ) -> Any:
         """Call the program's function `name`; arguments must be plain data (TypeError otherwise)."""
         request = ["call", name, [encode(a) for a in args], [[k, encode(v)] for k, v in (kwargs or {}).items()]]
         return self._request(request, timeout)
 
-    def _request(self, request: list, timeout: float):
+    def _request(self, request: list, timeout: float) -> Any:
         if self.aborted:
             raise self.aborted
         try:
@@ -548,10 +561,10 @@ class Sandbox:
         report = os.read(self._status, 500).decode(errors="replace")
         if report.startswith("refused: "):  # the fork server's own check of our request
             return report.strip()
-        report = report.split()  # "signal 9 2.013 0", from our warden
-        if len(report) != 4:
+        fields = report.split()  # "signal 9 2.013 0", from our warden
+        if len(fields) != 4:
             return "the program ended; its warden gave no report"
-        how, code, cpu, oom = report
+        how, code, cpu, oom = fields
         if float(cpu) >= self.limits.cpu:
             raise TimedOut(f"CPU time limit ({self.limits.cpu} s)")
         if oom == "1":
@@ -631,7 +644,7 @@ def _wait(fd: int, event: int, timeout: float) -> bool:
     return timeout > 0 and bool(poller.poll(timeout * 1000))
 
 
-def protections(skip=()) -> dict[str, bool]:
+def protections(skip: Sequence[str] = ()) -> dict[str, bool]:
     """Which protections a sandbox gets on this machine (starts one)."""
     with Sandbox(skip=skip) as box:
         return {p: p in box.protections for p in PROTECTIONS}
@@ -697,7 +710,7 @@ def _serve_forks(sock_fd: int, root: str, roots_dir: str, sites: list[str]) -> N
             os.close(fd)
 
 
-def _checked_config(cfg, root: str) -> dict:
+def _checked_config(cfg: Any, root: str) -> dict:
     """The fork server acts as root on a request's `dir` (chowns its `work`, may run the program in it,
     removes it): accept only a fresh sandbox directory that the caller made directly under the sandbox root,
     and sane limits."""
@@ -729,7 +742,7 @@ def _checked_config(cfg, root: str) -> dict:
 _libc = None
 
 
-def _sys(name: str, *args) -> None:
+def _sys(name: str, *args: Any) -> None:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
@@ -739,7 +752,15 @@ def _sys(name: str, *args) -> None:
 
 
 def _warden(
-    cfg: dict, serial: int, private_root: tuple, seccomp, ctl: int, status: int, req: int, rep: int, out: int
+    cfg: dict,
+    serial: int,
+    private_root: tuple,
+    seccomp: bytes | None,
+    ctl: int,
+    status: int,
+    req: int,
+    rep: int,
+    out: int,
 ) -> None:
     os.setsid()
     skip, active = set(cfg["skip"]), []
@@ -819,7 +840,7 @@ def _claim_uid(serial: int, active: list) -> int:
     return UID_BASE + secrets.randbelow(4094 << 16)
 
 
-def _sweep(uid, cgroups: list[str]) -> None:
+def _sweep(uid: int | None, cgroups: list[str]) -> None:
     """Kill every process left by the program, then reap them (we are their subreaper)."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -934,7 +955,14 @@ def _remove_cgroup(path: str) -> None:
 
 
 def _program(
-    cfg: dict, active: list, cgroups: list[str], private_root: tuple, seccomp, req: int, rep: int, out: int
+    cfg: dict,
+    active: list,
+    cgroups: list[str],
+    private_root: tuple,
+    seccomp: bytes | None,
+    req: int,
+    rep: int,
+    out: int,
 ) -> None:
     """Pid 1 of the new namespaces: finish the cage as root, drop to the sandbox uid, serve requests."""
     os.setsid()
@@ -1379,7 +1407,7 @@ def _seccomp_program() -> bytes | None:
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     allow, deny = 0x7FFF0000, 0x00050000 | errno.EPERM  # SCMP_ACT_ALLOW, SCMP_ACT_ERRNO(EPERM)
     eq, masked_eq = 4, 7  # SCMP_CMP_EQ, SCMP_CMP_MASKED_EQ
-    rules = [(name, allow, []) for name in _SYSCALLS]
+    rules: list[tuple[str, int, list[tuple[int, int, int, int]]]] = [(name, allow, []) for name in _SYSCALLS]
     rules += [("ioctl", allow, [(1, eq, request, 0)]) for request in _IOCTLS]
     rules += [
         ("socket", allow, [(0, eq, socket.AF_UNIX, 0)]),
