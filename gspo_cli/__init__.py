@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from uuid import UUID
 
 from gspo.errors import Diverged
 from gspo.errors import Stopped as TrainingStopped
@@ -192,7 +193,7 @@ def _flow_run(flow, params: dict | None, flow_run_id: str | None):
         if flow_run_id is None:
             return flow, c.create_flow_run(flow, parameters=params)
         try:
-            run = c.read_flow_run(flow_run_id)
+            run = c.read_flow_run(UUID(flow_run_id))
         except (ObjectNotFound, ValueError):
             raise ValueError(
                 f"no flow run {flow_run_id} in the Prefect database at {os.environ['PREFECT_HOME']} "
@@ -324,6 +325,7 @@ def _run_flow(args, flow=None, params: dict | None = None, flow_run_id: str | No
     from prefect.flow_engine import run_flow
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import State
 
     from gspo_cli.processes import temporary_server
 
@@ -355,6 +357,7 @@ def _run_flow(args, flow=None, params: dict | None = None, flow_run_id: str | No
             file=sys.stderr,
         )
         return 128 + sig.value
+    assert isinstance(state, State)  # return_type="state"
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         msg = result.args[0] if isinstance(result, KeyError) and result.args else result

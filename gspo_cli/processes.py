@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
-import importlib.util
 import os
 import signal
 import socket
@@ -59,9 +58,10 @@ def temporary_server(log: Path, timeout: float = 180) -> Iterator[str]:
     prefect.db, and two at once would race on it."""
     home = Path(os.environ["PREFECT_HOME"])
     home.mkdir(parents=True, exist_ok=True)
-    app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
+    import prefect
+
+    app_dir = Path(prefect.__file__).parent.parent
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    proc = None
     with open(home / ".server-start.lock", "a") as lock, open(log, "ab") as out:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for _ in range(3):  # another process may take the free port before the server binds it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
@@ -31,7 +32,8 @@ def prepare_data(cfg: dict, root: str) -> dict:
 
     def make(work: Path) -> dict:
         splits = prepare_splits(config_from_dict(cfg))
-        out, h = {}, hashlib.sha256()
+        out: dict[str, Any] = {}
+        h = hashlib.sha256()
         for name in SPLITS:
             examples = getattr(splits, name)
             if examples:  # no warm-start split when the warm start is off

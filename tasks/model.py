@@ -17,7 +17,7 @@ from gspo.sft import warm_start
 from tasks.common import CACHE, FilesRead, Progress, build, cached, output_dir
 
 SNAPSHOT_READS = {"model": ["name", "revision", "tiny_seed"]}
-WARM_START_READS = {
+WARM_START_READS: dict[str, bool | list[str]] = {
     "model": True,
     "warm_start": True,
     "data": ["use_chat_template"],

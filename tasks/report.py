@@ -89,7 +89,7 @@ def scores_figure(results: dict, names: dict[str, str], path: Path) -> None:
 
 def score_rows(results: dict, names: dict[str, str]) -> list[list[str]]:
     """task | metric | one column per model | trained - base, for the score and every other numeric metric."""
-    out = []
+    out: list[list[str]] = []
     for t, m in results.items():
         keys = ["score"] + [
             k

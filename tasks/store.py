@@ -42,8 +42,8 @@ def _unreachable(e: BaseException) -> bool:
     """A failure that says nothing about the request, only that the store did not take it: no connection
     (refused, reset, DNS), a gateway with no server behind it, or a sqlite file another process holds."""
     chain = [e]
-    while len(chain) < 10 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    while len(chain) < 10 and (cause := chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(cause)
     return any(
         isinstance(x, requests.exceptions.ConnectionError)
         or "database is locked" in str(x)

@@ -118,7 +118,8 @@ def log_datasets(c: Client, run_id: str, data: dict) -> None:
         with warnings.catch_warnings():  # a local path matches the "" and "file" sources, which are the same class
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(entry["path"])
-        ds = MetaDataset(source, name=f"{split}-{entry['sha'][:8]}", digest=entry["sha"][:16])
+        # MLflow declares `profile` abstract yet MetaDataset, its dataset of metadata only, is made this way.
+        ds = MetaDataset(source, name=f"{split}-{entry['sha'][:8]}", digest=entry["sha"][:16])  # type: ignore[abstract]
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
     try:
         c.log_inputs(run_id, datasets=inputs)
