@@ -7,10 +7,11 @@ into a zero with the reason recorded, so one bad completion cannot stop training
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import pkgutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,19 @@ def register(name: str) -> Callable[[RewardFn], RewardFn]:
         return fn
 
     return deco
+
+
+@contextlib.contextmanager
+def registered(name: str, fn: RewardFn) -> Iterator[RewardFn]:
+    """`fn` registered as `name` for the block only (a test's reward, one tried out in a notebook); a name
+    already taken is refused rather than shadowed."""
+    if name in _REGISTRY:
+        raise ValueError(f"reward {name!r} is already registered")
+    _REGISTRY[name] = fn
+    try:
+        yield fn
+    finally:
+        del _REGISTRY[name]
 
 
 def _import_all() -> None:

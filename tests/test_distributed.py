@@ -37,7 +37,6 @@ CFG = [
 ]
 
 
-@rewards.register("test_dist_even_length")
 def _even_length(completion, example):
     return rewards.RewardResult(float(len(completion) % 2 == 0))
 
@@ -49,7 +48,9 @@ def _run(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     cfg = load_config(None, CFG)
     s = prepare_splits(cfg)
     tr = [dataclasses.replace(e, task="test_dist_even_length") for e in s.train]
-    train(cfg, model_dir, tr, s.held_out, out)
+    # Registered here, in the process that trains: spawned ranks import this module afresh.
+    with rewards.registered("test_dist_even_length", _even_length):
+        train(cfg, model_dir, tr, s.held_out, out)
     if world > 1:
         dist.destroy_process_group()
 
@@ -135,7 +136,9 @@ def _run_with(rank: int, world: int, port: int, model_dir: str, out: str, extra:
     cfg = load_config(None, CFG + extra)
     s = prepare_splits(cfg)
     tr = [dataclasses.replace(e, task="test_dist_even_length") for e in s.train]
-    train(cfg, model_dir, tr, s.held_out, out)
+    # Registered here, in the process that trains: spawned ranks import this module afresh.
+    with rewards.registered("test_dist_even_length", _even_length):
+        train(cfg, model_dir, tr, s.held_out, out)
     if world > 1:
         dist.destroy_process_group()
 

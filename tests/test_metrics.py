@@ -15,6 +15,8 @@ from gspo.models import load_tokenizer
 from gspo.tiny import save_tiny
 from gspo.trainer import PromptSampler, TrainState, train
 
+pytestmark = pytest.mark.usefixtures("even_length_reward")
+
 F64 = torch.float64
 
 

@@ -36,12 +36,21 @@ def tiny_dir(tmp_path_factory):
 ARMED = {"at": None, "calls": 0}
 
 
-@rewards.register("test_fault_even_length")
 def _even_length_or_signal(completion, example):
     ARMED["calls"] += 1
     if ARMED["calls"] == ARMED["at"]:
         os.kill(os.getpid(), signal.SIGTERM)
     return rewards.RewardResult(float(len(completion) % 2 == 0))
+
+
+# Module scope, set up before the module's other fixtures: `straight` trains with it.
+@pytest.fixture(scope="module", autouse=True)
+def fault_reward():
+    with rewards.registered("test_fault_even_length", _even_length_or_signal):
+        yield
+
+
+pytestmark = pytest.mark.usefixtures("even_length_reward")
 
 
 def _examples(s):

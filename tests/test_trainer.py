@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rewards
 from gspo.config import load_config
 from gspo.data import prepare_splits
 from gspo.models import load_model, load_tokenizer
@@ -35,13 +34,11 @@ SMALL = [
 ]
 
 
-@rewards.register("test_even_length")
-def _even_length(completion, example):
-    # A dense signal for an untrained model: about half its completions score 1, so advantages are non-zero.
-    return rewards.RewardResult(float(len(completion) % 2 == 0), "correct" if len(completion) % 2 == 0 else "wrong")
+pytestmark = pytest.mark.usefixtures("even_length_reward")
 
 
 def _dense(examples):
+    """The examples scored by the `test_even_length` reward (conftest's even_length_reward fixture)."""
     return [dataclasses.replace(e, task="test_even_length") for e in examples]
 
 
