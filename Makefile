@@ -12,7 +12,7 @@ PREFECT := PREFECT_HOME=$(CURDIR)/.gspo/prefect PREFECT_SERVER_ANALYTICS_ENABLED
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup demo test lint clean server deploy worker mlflow-ui
+.PHONY: setup demo test test-fast lint clean server deploy worker mlflow-ui
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Everything but the tests marked slow (learning to a target, real servers, subprocess trainings, the sandbox's
+# heavy attacks): under 2 minutes on 2 cores, for use while developing. `make test` runs them all.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # ruff's lint and format check over the tree, then mypy over the packages (settings in pyproject.toml)
 lint: setup

@@ -50,6 +50,7 @@ def test_flop_formulas_equal_torchs_count(gpu, checkpointing):
     assert (f["hardware"] > f["model"]) == checkpointing
 
 
+@pytest.mark.slow  # a bench run in miniature: builds, trains and times the whole step
 @pytest.mark.parametrize("config", [None, "configs/qwen2.5-7b-h100.yaml"])
 def test_smoke_runs_the_whole_step(tmp_path, config):
     """The default settings (fp32 on the CPU) and the real configuration's (bf16, 32 prompts x 4 completions,
@@ -84,6 +85,7 @@ def test_smoke_runs_the_whole_step(tmp_path, config):
     assert r["optimizer_state_bytes"] > 0 and 0 < r["update_mfu_model"] < r["update_mfu_hardware"]
 
 
+@pytest.mark.slow  # the GPU check script end to end, in subprocesses
 def test_gpu_check_smoke_runs_both_parts_and_writes_dated_results(tmp_path):
     """bench/gpu_check.sh --smoke: the prepared GPU check's two parts on the CPU, results named by part, device
     and date; without --smoke and without a GPU it refuses in one line."""

@@ -7,6 +7,8 @@ scores the warm-started and the trained model on the arithmetic test problems, w
 import json
 from pathlib import Path
 
+import pytest
+
 from gspo.config import load_config
 from gspo.evaluate import evaluate_task
 from gspo_cli import main
@@ -22,6 +24,8 @@ SHORT = [
     "train.checkpoint_every=0",
     "train.progress=false",
 ]
+
+pytestmark = pytest.mark.slow  # learns to a target: minutes of training
 
 
 def test_gspo_raises_held_out_accuracy(tmp_path, capsys):

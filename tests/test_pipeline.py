@@ -33,6 +33,9 @@ from gspo.resolve import dir_hash
 from tasks import train
 from tasks.registry import aliases, register_checkpoint
 
+# A real Prefect server (the test harness's) and real flow runs, some in subprocesses.
+pytestmark = pytest.mark.slow
+
 NAME = "gspo-test"
 # About 30 s of stages on 2 CPU cores: a short warm start, 3 GSPO steps, 20 evaluation problems.
 SMALL = [

@@ -605,7 +605,19 @@ def world(tmp_path, monkeypatch):
             os.remove(marker)
 
 
-@pytest.mark.parametrize("name", ATTACKS)
+# Attacks that run until the time limit stops them or fill memory, processes or the filesystem scan.
+HEAVY = {
+    "answer_key_from_any_file",
+    "fork_bomb",
+    "hash_flooding_reply",
+    "infinite_loop_ignoring_sigterm",
+    "memory_bomb_across_processes",
+    "stdout_flood",
+    "thread_bomb",
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in ATTACKS])
 def test_attack_does_not_pass_and_leaves_no_trace(name, world):
     problems, fill, neighbour = world
     problem_key, completion, needs = ATTACKS[name]
@@ -701,6 +713,7 @@ def test_a_sample_cannot_replay_answers_an_earlier_sample_left():
     assert not replayed.passed and "assert candidate(0, 1) == 1" in replayed.reason
 
 
+@pytest.mark.slow  # searches the filesystem from inside the sandbox
 def test_the_problems_file_is_out_of_the_programs_reach(tmp_path):
     problems = tmp_path / "problems.jsonl"
     row = custom_problem(
@@ -713,6 +726,7 @@ def test_the_problems_file_is_out_of_the_programs_reach(tmp_path):
     assert evaluate_samples_file(str(samples), str(problems), timeout=60) == {"pass@1": 0.0}
 
 
+@pytest.mark.slow  # a second interpreter, under -O
 def test_tests_keep_their_asserts_under_python_dash_o():
     """Compiled with the interpreter's optimisation level, `python -O` would strip every assert of the test
     and pass any program that loads."""

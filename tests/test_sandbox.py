@@ -805,6 +805,7 @@ def search(needles, top="/"):
 """
 
 
+@pytest.mark.slow  # reads every file the program can see
 def test_the_program_sees_the_standard_library_and_its_packages_but_no_answer_key():
     needles = ["canonical_solution", '"task_id": "HumanEval/', "def check(candidate)", "GSPO_TEST_SECRET"]
     with Sandbox(Limits(memory=2 << 30), packages=("numpy",)) as box:

@@ -172,6 +172,7 @@ def test_compiled_step_decodes_what_the_eager_decoder_does_and_follows_weight_up
     assert eager[0].shape[1] > CHECK_EVERY and counters["stats"]["unique_graphs"] == graphs + 3
 
 
+@pytest.mark.slow  # the bench script in a subprocess
 def test_decode_speed_bench_smoke(tmp_path):
     out = tmp_path / "decode.json"
     run = subprocess.run(

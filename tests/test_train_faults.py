@@ -274,6 +274,7 @@ def test_a_second_trainer_on_the_same_directory_is_refused_naming_the_holder(tin
     train(cfg, tiny_dir, _dense(s.train), s.held_out, tmp_path)  # free again once the holder is done
 
 
+@pytest.mark.slow  # trainings through the command, in subprocesses
 def test_a_run_of_another_configuration_is_never_resumed_or_overwritten(tiny_dir, tmp_path):
     cfg = load_config(None, SMALL + ["train.steps=2"])
     s = prepare_splits(cfg)
