@@ -157,6 +157,7 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    log.debug("checkpoint of step %d written to %s", step, final)
     for old in all_steps(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

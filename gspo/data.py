@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from gspo.config import Config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ def load_examples(
         examples = spec.load()(_resolve(path, split), split)
     if limit is not None:
         examples = examples[:limit]
+    log.info("%s: %d examples from %s", source, len(examples), path if path is not None else "its default source")
     if reward is not None and source != "custom":
         examples = [replace(e, task=reward) for e in examples]
     return examples

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,8 @@ from rewards.code import code_completion
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 
 def source_path(task: str, cfg: Config) -> str | None:
@@ -70,6 +73,7 @@ def evaluate_task(
         metrics, rows = _generative(model, tok, task, examples, cfg, on_progress)
     if predictions_path is not None:
         _write_jsonl(Path(predictions_path), rows)
+    log.info("%s: score %.4f over %d examples (%s)", task, metrics["score"], metrics["n"], model_dir)
     return metrics
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 from gspo.config import ModelConfig
 from gspo.tiny import save_tiny
+
+log = logging.getLogger(__name__)
 
 
 def resolve_model(cfg: ModelConfig, dest: str | Path) -> Path:
@@ -20,6 +23,7 @@ def resolve_model(cfg: ModelConfig, dest: str | Path) -> Path:
         return local
     from huggingface_hub import snapshot_download
 
+    log.info("fetching %s (revision %s) from the hub into %s", cfg.name, cfg.revision or "default", dest)
     try:
         return Path(
             snapshot_download(

@@ -280,16 +280,36 @@ class _OneLine(logging.Formatter):
             record.exc_info, record.exc_text, record.stack_info = saved
 
 
+# The project's loggers: the library's modules log under gspo.* and rewards.*, the pipeline's under tasks.* and flows.*
+PROJECT_LOGGERS = ("gspo", "rewards", "tasks", "flows", "gspo_cli")
+# Commands that run flows: Prefect's console handler prints for them, and they write a log file (_log_to).
+FLOW_COMMANDS = ("run", "evaluate", "promote", "retry", "worker")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _configure_logging(verbose: int, console: bool) -> None:
+    """Quiet by default: warnings and errors only. -v adds the project's INFO records (what was loaded, scored and
+    resumed; periodic progress lines when stderr is not a terminal), -vv its DEBUG records; other libraries stay
+    at WARNING. `console`: records go to stderr through a handler of our own (the flow commands have Prefect's)."""
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    if console:
+        logging.basicConfig(format=LOG_FORMAT)
+
+
 def _log_to(path: Path) -> None:
-    """Every record with its traceback to `path`; the console keeps one line per record."""
+    """Every record from INFO up (DEBUG with -vv) with its traceback to `path`; the console keeps one line per
+    record."""
     root = logging.getLogger()
     for h in root.handlers:
         h.setFormatter(_OneLine(h.formatter or logging.Formatter()))
     f = logging.FileHandler(path)
-    f.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    f.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(f)
-    for name in ("prefect", "tasks", "flows"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    for name in ("prefect", *PROJECT_LOGGERS):
+        logger = logging.getLogger(name)
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "creating initial MLflow database tables" and such
 
 
@@ -373,6 +393,8 @@ def _run_flow(args, flow=None, params: dict | None = None, flow_run_id: str | No
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gspo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbose_help = "log more on stderr: -v the project's INFO records, -vv its DEBUG records (default: warnings)"
+    ap.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def command(name: str, fn, help_: str) -> argparse.ArgumentParser:
@@ -384,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.set_defaults(fn=fn)
+        # Also after the command (`gspo train -v`); SUPPRESS keeps a -v given before it.
+        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=verbose_help)
         return p
 
     p = command("train", cmd_train, "warm start + GSPO training, no orchestration")
@@ -428,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose, console=args.cmd not in FLOW_COMMANDS)
     # An optional 4-bit kernel package that 8-bit AdamW never uses; bitsandbytes warns about it on every import.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:

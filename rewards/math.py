@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import logging
 import os
 import re
 import tempfile
@@ -32,6 +33,8 @@ from typing import Any
 from sympy import Rational
 
 from rewards import RewardResult, register
+
+log = logging.getLogger(__name__)
 
 MAX_SCAN = 16_000  # completions are a few thousand characters; the answer is at the end
 MAX_DIGITS = 300  # far beyond any real answer; keeps int() and Rational() cheap
@@ -268,6 +271,7 @@ def score_file(in_path: str | os.PathLike, out_path: str | os.PathLike | None = 
     except BaseException:
         os.unlink(tmp)
         raise
+    log.info("%s: %d of %d correct; scored rows in %s", src, n_correct, n, out)
     return {"n": n, "correct": n_correct, "accuracy": n_correct / n, "out": str(out)}
 
 

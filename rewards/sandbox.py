@@ -31,6 +31,7 @@ import ctypes
 import errno
 import itertools
 import json
+import logging
 import os
 import re
 import resource
@@ -51,6 +52,8 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Flags from <sched.h>, <sys/mount.h>, <linux/prctl.h>, <linux/seccomp.h>; stable Linux ABI on every architecture.
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = (
@@ -371,6 +374,7 @@ def _fork_server(restart: bool = False) -> _ForkServer:
         if restart or _server is None or _server.pid != os.getpid() or _server.proc.poll() is not None:
             _server = _ForkServer()
             atexit.register(_server.close)
+            log.debug("sandbox fork server started (pid %d)", _server.proc.pid)
         return _server
 
 

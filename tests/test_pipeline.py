@@ -3,6 +3,7 @@ runs, what a training change reruns, retrying a failed flow run, registration, p
 a stage whose files are gone, a registry that moved on since the last run."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -21,7 +22,16 @@ import torch
 from mlflow import MlflowClient
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+    LogFilterLevel,
+)
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from transformers import AutoModelForCausalLM
@@ -154,6 +164,20 @@ def test_the_mlflow_run_holds_config_metrics_datasets_report_and_checkpoint(spac
     assert {"report/report.html", "report/report.md", "report/training.png"} <= {
         a.path for a in c.list_artifacts(run_.info.run_id, "report")
     }
+
+
+def test_the_librarys_log_records_are_in_the_flow_runs_log(first):
+    """tasks/ hands the gspo and rewards loggers to Prefect: what the library logs inside a stage is in the flow
+    run's log (the UI), beside the stages' own records."""
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as c:
+        logs = c.read_logs(
+            log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[first["flow_run_id"]]), level=LogFilterLevel(ge_=logging.INFO)
+            )
+        )
+    scored = [x.message for x in logs if x.name == "gspo.evaluate"]
+    assert any(m.startswith("arithmetic: score ") for m in scored), sorted({x.name for x in logs})
 
 
 def test_report_is_markdown_plus_a_self_contained_html_page(first):
