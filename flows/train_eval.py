@@ -126,8 +126,8 @@ def train_eval(config_path: str | None = None, overrides: list[str] | None = Non
             decision,
         ]
         rep = stage(report.build_report, root)(
-            facts, {names[label]: r for label, r in runs.items()}, results, names, root
-        )  # no run ids: it stays cached while the facts hold
+            facts, {names[label]: r for label, r in runs.items()}, results, names, tracking.package_versions(), root
+        )  # no run ids: it stays cached while the facts (and the versions) hold
         create_markdown_artifact(
             f"{rep['markdown_text']}\nMLflow run `{run_id}`, report `{rep['html']}`\n",
             key="gspo-report",

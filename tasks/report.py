@@ -154,7 +154,9 @@ def render(blocks: list[tuple], images: dict[str, str] | None) -> tuple[str, str
     return "# GSPO train-and-evaluate report\n\n" + "\n\n".join(md) + "\n", doc
 
 
-def blocks(facts: list[str], training: dict[str, dict], results: dict, names: dict[str, str]) -> list[tuple]:
+def blocks(
+    facts: list[str], training: dict[str, dict], results: dict, names: dict[str, str], versions: dict[str, str]
+) -> list[tuple]:
     trained = next(iter(training.values()))
     out = [
         ("ul", facts),
@@ -174,16 +176,26 @@ def blocks(facts: list[str], training: dict[str, dict], results: dict, names: di
             ],
         ),
         ("img", "training.png"),
+        ("h", "Versions"),
+        ("p", ", ".join(f"{name} {v}" for name, v in versions.items())),
     ]
     return out
 
 
 @task(name="report", cache_policy=cached("report", CACHE), persist_result=True, result_serializer="json")
-def build_report(facts: list[str], training: dict[str, dict], results: dict, names: dict[str, str], root: str) -> dict:
+def build_report(
+    facts: list[str],
+    training: dict[str, dict],
+    results: dict,
+    names: dict[str, str],
+    versions: dict[str, str],
+    root: str,
+) -> dict:
     """{"dir", "markdown", "html"}: `facts` head the report as a list; `training` maps a run's name (the
     registered one first, then e.g. the GRPO baseline) to its train-stage result; `results` is
-    {task: {label: metrics}} and `names` maps each label to the name shown. The Markdown without plots is
-    `markdown_text` in the result, for places that cannot show the PNG files (the Prefect artifact)."""
+    {task: {label: metrics}} and `names` maps each label to the name shown; `versions` (python and the key
+    packages) closes it. The Markdown without plots is `markdown_text` in the result, for places that cannot
+    show the PNG files (the Prefect artifact)."""
 
     def make(work: Path) -> dict:
         curves_figure(
@@ -191,7 +203,7 @@ def build_report(facts: list[str], training: dict[str, dict], results: dict, nam
         )
         if results:
             scores_figure(results, names, work / "scores.png")
-        b = [x for x in blocks(facts, training, results, names) if x[0] != "img" or (work / x[1]).exists()]
+        b = [x for x in blocks(facts, training, results, names, versions) if x[0] != "img" or (work / x[1]).exists()]
         images = {x[1]: base64.b64encode((work / x[1]).read_bytes()).decode() for x in b if x[0] == "img"}
         md, page = render(b, images)
         (work / "report.md").write_text(md)

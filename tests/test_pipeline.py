@@ -2,6 +2,7 @@
 runs, what a training change reruns, retrying a failed flow run, registration, promotion, the report,
 a stage whose files are gone, a registry that moved on since the last run."""
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -153,6 +154,7 @@ def test_the_mlflow_run_holds_config_metrics_datasets_report_and_checkpoint(spac
     assert run_.info.status == "FINISHED"
     assert run_.data.params["train.steps"] == "3" and run_.data.params["pipeline.registered_model"] == NAME
     assert run_.data.tags["prefect.flow_run_id"] == str(first["flow_run_id"])
+    assert run_.data.tags["version.transformers"] == importlib.metadata.version("transformers")
     assert [m.step for m in c.get_metric_history(run_.info.run_id, "reward_mean")] == [1, 2, 3]
     assert len(c.get_metric_history(run_.info.run_id, "warm_start/sft_loss")) == 20
     delta = r["scores"]["arithmetic"]["trained"] - r["scores"]["arithmetic"]["base"]
@@ -186,6 +188,7 @@ def test_report_is_markdown_plus_a_self_contained_html_page(first):
     assert "| task | metric | base | GSPO | trained - base |" in md and "| arithmetic | score |" in md
     assert "arithmetic, exact-match accuracy of the greedy answer on 20 held-out arithmetic problems" in md
     assert "![training.png](training.png)" in md and (Path(r["report"]).parent / "training.png").is_file()
+    assert f"torch {importlib.metadata.version('torch')}" in md.split("## Versions")[1]
     assert page.count('src="data:image/png;base64,') == 2 and page.count("src=") == 2
     with get_client(sync_client=True) as c:
         arts = c.read_artifacts(
