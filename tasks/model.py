@@ -65,6 +65,7 @@ def warm_start_model(cfg: dict, base: dict, examples: dict, root: str, progress:
     """{"dir", "hash", "metrics"}: the base model after cfg.warm_start.steps supervised steps on the
     warm-start split (`examples` is its snapshot entry from prepare_data)."""
     c = config_from_dict(cfg)
+    c.train.progress = False  # the stage shows its own progress: a bar on a terminal, log lines elsewhere
 
     def make(work: Path) -> dict:
         if c.train.threads:
