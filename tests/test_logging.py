@@ -52,3 +52,18 @@ def test_vv_adds_the_projects_debug_records(tmp_path):
     assert info.returncode == debug.returncode == 0 and json.loads(debug.stdout) == {"pass@1": 1.0}
     assert " DEBUG " not in info.stderr
     assert " DEBUG rewards.sandbox: sandbox fork server started" in debug.stderr
+
+
+def test_the_pipeline_passes_the_librarys_records_from_info_up_to_prefect():
+    """Importing tasks (as every flow run does) hands the gspo and rewards loggers to Prefect and sets them to INFO,
+    unless the command that imports it chose a level (gspo -v)."""
+    code = """
+import logging, os, sys
+if sys.argv[1] == "chosen":
+    logging.getLogger("gspo").setLevel(logging.WARNING)
+import tasks
+print(logging.getLogger("gspo").level, logging.getLogger("rewards").level, os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"])
+"""
+    for case, expected in (("default", "20 20 gspo,rewards"), ("chosen", "30 20 gspo,rewards")):
+        p = subprocess.run([sys.executable, "-c", code, case], capture_output=True, text=True, cwd=ROOT, check=True)
+        assert p.stdout.split() == expected.split(), case

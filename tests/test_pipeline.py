@@ -84,6 +84,11 @@ ASKS_THE_REGISTRY = {"register-checkpoint", "promotion-gate"}  # never served fr
 def space(tmp_path_factory):
     """A Prefect test server, PREFECT_HOME, artifact root and MLflow store, all private to this module."""
     d = tmp_path_factory.mktemp("pipeline")
+    # The library's loggers at INFO, as in a flow run's process (tasks/__init__.py, or gspo run's log file): an
+    # in-process `gspo` command of an earlier test may have left them at its default, WARNING.
+    levels = {name: logging.getLogger(name).level for name in ("gspo", "rewards")}
+    for name in levels:
+        logging.getLogger(name).setLevel(logging.INFO)
     with temporary_settings({PREFECT_HOME: d / "prefect"}), prefect_test_harness(server_startup_timeout=180):
         uri = f"sqlite:///{d / 'mlflow.db'}"
         yield {
@@ -92,6 +97,8 @@ def space(tmp_path_factory):
             "base": SMALL + [f"pipeline.artifact_root={d / 'artifacts'}", f"pipeline.mlflow_tracking_uri={uri}"],
             "api_url": PREFECT_API_URL.value(),
         }
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def run(overrides: list[str]):
