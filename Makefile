@@ -4,7 +4,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of PyTorch; on a CUDA machine set TORCH_SPEC to the build that matches your driver.
-TORCH_SPEC ?= torch==2.13.0
+TORCH_VERSION ?= 2.13.0
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+# The tested versions of every other dependency (`make lock` refreshes it); pyproject.toml keeps the ranges.
+LOCK := requirements.lock
 BIN := $(VENV)/bin
 # The Prefect server these targets run and talk to, its database under .gspo like the temporary one of gspo run.
 PREFECT_PORT ?= 4200
@@ -12,22 +15,42 @@ PREFECT := PREFECT_HOME=$(CURDIR)/.gspo/prefect PREFECT_SERVER_ANALYTICS_ENABLED
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup demo test clean server deploy worker mlflow-ui
+.PHONY: setup lock demo test test-fast lint clean server deploy worker mlflow-ui
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# torch first, on its own (the lock leaves it out, so the build TORCH_SPEC names stays), then the lock's versions.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -r $(LOCK) -e ".[dev]"
 	touch $@
+
+# Resolve the newest versions pyproject.toml allows, with torch held at TORCH_VERSION, into the lock file; then
+# `make test` and commit it.
+lock: setup
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/torch-constraint.txt
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --upgrade --extra dev --strip-extras \
+		--unsafe-package torch --unsafe-package pip --unsafe-package setuptools --no-emit-index-url \
+		--no-emit-find-links -c $(VENV)/torch-constraint.txt --output-file $(LOCK) pyproject.toml
 
 demo: setup
 	$(BIN)/gspo run --config configs/demo.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Everything but the tests marked slow (learning to a target, real servers, subprocess trainings, the sandbox's
+# heavy attacks): under 2 minutes on 2 cores, for use while developing. `make test` runs them all.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# ruff's lint and format check over the tree, then mypy over the packages (settings in pyproject.toml)
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check --diff .
+	$(BIN)/mypy
 
 # Prefect server and UI at http://127.0.0.1:$(PREFECT_PORT)
 server: setup

@@ -24,6 +24,7 @@ prints
 
 The last line is `ratio=<static over eager tokens/s, for the largest model at the largest row count that ran>`.
 """
+
 import argparse
 import gc
 import statistics
@@ -35,10 +36,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.gpu import ARCHS, build_model, ceilings, counts, decode_bound, fmt_params, sync, write_json  # noqa: E402
-from gspo.models import fp32_logits  # noqa: E402
-from gspo.rollout import sample  # noqa: E402
-from gspo.static_decode import sample_static  # noqa: E402
+from bench.gpu import ARCHS, build_model, ceilings, counts, decode_bound, fmt_params, sync, write_json
+from gspo.models import fp32_logits
+from gspo.rollout import sample
+from gspo.static_decode import sample_static
 
 
 def timed(fn, device):
@@ -57,15 +58,20 @@ def agreement(ref, out) -> dict:
     first = torch.where(diff.any(1), diff.int().argmax(1), torch.full((a.shape[0],), a.shape[1]))
     same = torch.arange(a.shape[1])[None, :] < first[:, None]
     logp = (ref[1].cpu() - out[1].cpu()).abs()[same]
-    return {"first_divergence": first.tolist(), "identical_fraction": (~diff).float().mean().item(),
-            "max_abs_logp_diff_before_divergence": logp.max().item() if logp.numel() else None}
+    return {
+        "first_divergence": first.tolist(),
+        "identical_fraction": (~diff).float().mean().item(),
+        "max_abs_logp_diff_before_divergence": logp.max().item() if logp.numel() else None,
+    }
 
 
 def said(a: dict) -> str:
     lp = a["max_abs_logp_diff_before_divergence"]
-    return (f"{a['identical_fraction']:.3f} of tokens identical, first divergence per row {a['first_divergence']} "
-            f"(median {statistics.median(a['first_divergence'])}), max |log-prob diff| before it "
-            f"{'n/a' if lp is None else f'{lp:.2e}'}")
+    return (
+        f"{a['identical_fraction']:.3f} of tokens identical, first divergence per row {a['first_divergence']} "
+        f"(median {statistics.median(a['first_divergence'])}), max |log-prob diff| before it "
+        f"{'n/a' if lp is None else f'{lp:.2e}'}"
+    )
 
 
 def prompts(vocab: int, rows: int, width: int, device):
@@ -73,8 +79,8 @@ def prompts(vocab: int, rows: int, width: int, device):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, vocab, (2, width), generator=g)  # 0 is the pad id
     mask = torch.ones_like(ids)
-    mask[1, :width // 4] = 0
-    ids[1, :width // 4] = 0
+    mask[1, : width // 4] = 0
+    ids[1, : width // 4] = 0
     return ids.to(device), mask.to(device), (torch.arange(rows) * 2 // rows).to(device)
 
 
@@ -83,9 +89,14 @@ def decoders(model, rows: int, prompt_len: int, device, T: int, compile: bool, T
     vocab = model.config.vocab_size
     ids, mask, which = prompts(vocab, rows, prompt_len, device)
     seeds = (torch.arange(rows, dtype=torch.int64) + 1000).to(device)
-    common = lambda n: (model, ids, mask, n, {vocab}, 0, 1.0, 1.0, seeds)
-    return (lambda: sample(*common(T_eager or T), rows=which),
-            lambda: sample_static(*common(T), rows=which, compile=compile))
+
+    def common(n: int) -> tuple:
+        return (model, ids, mask, n, {vocab}, 0, 1.0, 1.0, seeds)
+
+    return (
+        lambda: sample(*common(T_eager or T), rows=which),
+        lambda: sample_static(*common(T), rows=which, compile=compile),
+    )
 
 
 def memory_peak(device) -> int | None:
@@ -117,11 +128,13 @@ def run_rows(model, c: dict, rows: int, args, device, ceil: dict, log, name: str
     res["eager_fraction_of_bound"] = res["eager_tokens_per_s"] / res["bound_tokens_per_s"]
     res["ratio"] = res["static_tokens_per_s"] / res["eager_tokens_per_s"]
     peak = res["static_peak_allocated_bytes"]
-    log(f"[{name} x {rows}] static: first call {first_s:.1f} s (compile about {res['compile_s']:.1f} s), then "
+    log(
+        f"[{name} x {rows}] static: first call {first_s:.1f} s (compile about {res['compile_s']:.1f} s), then "
         f"{res['static_s']:.2f} s, {res['static_tokens_per_s']:.0f} tokens/s = {res['ratio']:.2f}x eager; "
         f"bound {res['bound_tokens_per_s']:.0f} tokens/s (static {res['static_fraction_of_bound']:.3f}, "
         f"eager {res['eager_fraction_of_bound']:.3f}); cudagraph skips {res['cudagraph_skips']}"
-        + ("" if peak is None else f"; peak {peak / 1e9:.1f} GB"))
+        + ("" if peak is None else f"; peak {peak / 1e9:.1f} GB")
+    )
     res["static_vs_eager"] = agreement(ref, tuple(None if x is None else x[:, :T_e] for x in out))
     log(f"[{name} x {rows}] static vs eager over {T_e} tokens: {said(res['static_vs_eager'])}")
     log(f"[{name} x {rows}] static 1st vs 2nd call: {said(res['static_first_vs_second_call'])}")
@@ -162,26 +175,47 @@ def exactness(name: str, args, device, log) -> dict:
     after = static()
     res["after_update"] = agreement(eager(), after)
     res["static_changed_with_weights"] = not torch.equal(before[0], after[0])
-    log(f"[{name} fp32] after an in-place weight update: static vs eager: {said(res['after_update'])}; "
-        f"static output changed: {res['static_changed_with_weights']}")
+    log(
+        f"[{name} fp32] after an in-place weight update: static vs eager: {said(res['after_update'])}; "
+        f"static output changed: {res['static_changed_with_weights']}"
+    )
     return res
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="0.5b,7b", help="comma-separated, of 0.5b, 1.5b, 7b")
-    ap.add_argument("--rows", default="8,32,128", help="completions decoded together (two prompts, half each); a "
-                                                         "comma-separated list runs each count")
-    ap.add_argument("--eager-tokens", type=int, default=None,
-                    help="new tokens the eager decoder is timed over (default: all of --new-tokens)")
-    ap.add_argument("--repeat-check", action=argparse.BooleanOptionalAction, default=True,
-                    help="a third static call, compared with the second (CUDA graph replays repeat exactly)")
+    ap.add_argument(
+        "--rows",
+        default="8,32,128",
+        help="completions decoded together (two prompts, half each); a comma-separated list runs each count",
+    )
+    ap.add_argument(
+        "--eager-tokens",
+        type=int,
+        default=None,
+        help="new tokens the eager decoder is timed over (default: all of --new-tokens)",
+    )
+    ap.add_argument(
+        "--repeat-check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a third static call, compared with the second (CUDA graph replays repeat exactly)",
+    )
     ap.add_argument("--prompt-len", type=int, default=None, help="default 128 (16 with --smoke)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 512 (40 with --smoke)")
-    ap.add_argument("--check-tokens", type=int, default=64,
-                    help="new tokens of the fp32 exactness check on the first model; 0 skips it")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="compile the static decoder's step (default: yes, no with --smoke)")
+    ap.add_argument(
+        "--check-tokens",
+        type=int,
+        default=64,
+        help="new tokens of the fp32 exactness check on the first model; 0 skips it",
+    )
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the static decoder's step (default: yes, no with --smoke)",
+    )
     ap.add_argument("--out", default=None, help="JSON of all numbers, rewritten after every model")
     ap.add_argument("--smoke", action="store_true", help="the tiny architecture in fp32 on the CPU, one thread")
     args = ap.parse_args(argv)
@@ -210,13 +244,20 @@ def main(argv=None) -> int:
         print(msg, flush=True)
 
     import transformers
-    data = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
-            "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"models": names, "dtype": str(dtype)},
-            "models": {}}
-    log(f"device: {data['device']}, torch {data['torch']}, transformers {data['transformers']}; "
+
+    data = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"models": names, "dtype": str(dtype)},
+        "models": {},
+    }
+    log(
+        f"device: {data['device']}, torch {data['torch']}, transformers {data['transformers']}; "
         f"{args.rows} rows, prompt {args.prompt_len}, {args.new_tokens} new tokens, {dtype}, "
-        f"static step {'compiled' if args.compile else 'not compiled'}")
+        f"static step {'compiled' if args.compile else 'not compiled'}"
+    )
     if args.compile:
         torch._logging.set_logs(perf_hints=True)  # says why, when torch runs a compiled step without CUDA graphs
     data["ceilings"] = ceil = ceilings(device, dtype, args.smoke)
@@ -244,8 +285,13 @@ def main(argv=None) -> int:
             data["exactness_fp32"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
             log(f"[{names[0]} fp32] failed: {type(e).__name__}: {str(e)[:2000]}")
         write_json(args.out, data)
-    ran = [(m["params"], int(rows), r) for m in data["models"].values() if "error" not in m
-           for rows, r in m["rows"].items() if "error" not in r]
+    ran = [
+        (m["params"], int(rows), r)
+        for m in data["models"].values()
+        if "error" not in m
+        for rows, r in m["rows"].items()
+        if "error" not in r
+    ]
     print(table(data["models"]), flush=True)
     if not ran:
         print("ratio=nan", flush=True)
@@ -255,8 +301,17 @@ def main(argv=None) -> int:
 
 
 def table(models: dict) -> str:
-    head = ["model", "rows", "eager tok/s", "static tok/s", "compile s", "static of bound", "bound tok/s", "peak GB",
-            "ratio"]
+    head = [
+        "model",
+        "rows",
+        "eager tok/s",
+        "static tok/s",
+        "compile s",
+        "static of bound",
+        "bound tok/s",
+        "peak GB",
+        "ratio",
+    ]
     lines = [head, ["---"] * len(head)]
     for name, m in models.items():
         for rows, r in m.get("rows", {}).items():
@@ -264,10 +319,19 @@ def table(models: dict) -> str:
                 lines.append([name, rows, "error: " + r["error"].splitlines()[0][:80]])
                 continue
             peak = r["static_peak_allocated_bytes"]
-            lines.append([name, rows, f"{r['eager_tokens_per_s']:.0f}", f"{r['static_tokens_per_s']:.0f}",
-                          f"{r['compile_s']:.1f}", f"{r['static_fraction_of_bound']:.3f}",
-                          f"{r['bound_tokens_per_s']:.0f}", "n/a" if peak is None else f"{peak / 1e9:.1f}",
-                          f"{r['ratio']:.2f}"])
+            lines.append(
+                [
+                    name,
+                    rows,
+                    f"{r['eager_tokens_per_s']:.0f}",
+                    f"{r['static_tokens_per_s']:.0f}",
+                    f"{r['compile_s']:.1f}",
+                    f"{r['static_fraction_of_bound']:.3f}",
+                    f"{r['bound_tokens_per_s']:.0f}",
+                    "n/a" if peak is None else f"{peak / 1e9:.1f}",
+                    f"{r['ratio']:.2f}",
+                ]
+            )
     return "\n".join("| " + " | ".join(row) + " |" for row in lines)
 
 

@@ -30,7 +30,9 @@ Timings are of the last step (the first allocates the optimizer states, compiles
 A model that fails (out of memory included) is recorded and the next one runs; the JSON is rewritten after
 every model. The last line is `ratio=<decode tokens/s over the bandwidth bound, for the largest model that ran>`.
 """
+
 import argparse
+import functools
 import gc
 import json
 import os
@@ -44,28 +46,60 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gspo import metrics  # noqa: E402
-from gspo.advantages import group_advantages  # noqa: E402
-from gspo.config import load_config  # noqa: E402
-from gspo.models import fp32_logits, prepare_for_training, resolve_dtype  # noqa: E402
-from gspo.optim import make_optimizer, make_scheduler  # noqa: E402
-from gspo.rollout import resolve_decode  # noqa: E402
-from gspo.trainer import rollout  # noqa: E402
-from gspo.update import logprobs, make_plan, run_updates  # noqa: E402
+from gspo import metrics
+from gspo.advantages import group_advantages
+from gspo.config import load_config
+from gspo.models import fp32_logits, prepare_for_training, resolve_dtype
+from gspo.optim import make_optimizer, make_scheduler
+from gspo.rollout import resolve_decode
+from gspo.trainer import rollout
+from gspo.update import logprobs, make_plan, run_updates
 
 # From each model's config.json on the Hugging Face hub (Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-1.5B, Qwen/Qwen2.5-7B);
 # all three also have rope_theta 1e6, rms_norm_eps 1e-6 and no sliding window. The 7B's vocabulary is padded
 # to 152064 rows, the smaller two have 151936. PUBLISHED_PARAMS are the hub's safetensors totals.
 ARCHS = {
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=131072, tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072, tie_word_embeddings=False),
+    "0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+    ),
+    "1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+    ),
     # --smoke: the same code on the CPU in seconds
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512, tie_word_embeddings=True),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
 }
 PUBLISHED_PARAMS = {"0.5b": 494_032_768, "1.5b": 1_543_714_304, "7b": 7_615_616_512}
 GB = 1e9
@@ -74,8 +108,12 @@ GB = 1e9
 def qwen2_config(name: str):
     from transformers import Qwen2Config
 
-    return Qwen2Config(**ARCHS[name], rms_norm_eps=1e-6, use_sliding_window=False,
-                       rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    return Qwen2Config(
+        **ARCHS[name],
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype):
@@ -128,17 +166,23 @@ def ceilings(device: torch.device, dtype: torch.dtype, smoke: bool) -> dict:
     """The two ceilings on this device: dense matmul FLOP/s and copy bandwidth (bytes read + written)."""
     n = 256 if smoke else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    mm = timed(lambda: torch.matmul(a, b), device, 3, 10)
+    mm = timed(functools.partial(torch.matmul, a, b), device, 3, 10)
     del a, b
     elems = (1 << 22) if smoke else (1 << 30)  # 4.3 GB of fp32 on the GPU, under 2^31 elements
     src = torch.randn(elems, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
-    cp = timed(lambda: dst.copy_(src), device, 3, 10)
+    cp = timed(functools.partial(dst.copy_, src), device, 3, 10)
     nbytes = 2 * src.numel() * src.element_size()
     del src, dst
     free(device)
-    return {"matmul_n": n, "matmul_flops": 2 * n ** 3 / statistics.median(mm), "matmul_s": mm,
-            "copy_bytes": nbytes, "copy_bytes_per_s": nbytes / statistics.median(cp), "copy_s": cp}
+    return {
+        "matmul_n": n,
+        "matmul_flops": 2 * n**3 / statistics.median(mm),
+        "matmul_s": mm,
+        "copy_bytes": nbytes,
+        "copy_bytes_per_s": nbytes / statistics.median(cp),
+        "copy_s": cp,
+    }
 
 
 def free(device: torch.device) -> None:
@@ -150,8 +194,9 @@ def free(device: torch.device) -> None:
 def counts(model) -> dict:
     """Matmul weights (decoder layers; the LM head apart) and the bytes one decode step must read."""
     cfg = model.config
-    linears = [(n, m) for layer in model.model.layers for n, m in layer.named_modules()
-               if isinstance(m, torch.nn.Linear)]
+    linears = [
+        (n, m) for layer in model.model.layers for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
+    ]
     body = sum(m.weight.numel() for _, m in linears)
     # Non-reentrant checkpointing stops recomputing once the tensors the backward needs are back: each layer's
     # last matmul (down_proj, whose saved input is recomputed before it) is not run again.
@@ -163,9 +208,14 @@ def counts(model) -> dict:
     weight_read = (total - (0 if cfg.tie_word_embeddings else embed)) * elt
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elt  # K and V, every layer
-    return {"params": total, "matmul_params_body": body, "matmul_params_recomputed": body - last,
-            "matmul_params_head": model.lm_head.weight.numel(), "weight_bytes_read_per_step": weight_read,
-            "kv_bytes_per_token": kv_per_token}
+    return {
+        "params": total,
+        "matmul_params_body": body,
+        "matmul_params_recomputed": body - last,
+        "matmul_params_head": model.lm_head.weight.numel(),
+        "weight_bytes_read_per_step": weight_read,
+        "kv_bytes_per_token": kv_per_token,
+    }
 
 
 def update_flops(c: dict, cfg, rows: int, seq: int, kept: int, checkpointing: bool) -> dict:
@@ -195,8 +245,11 @@ def decode_bound(c: dict, rows: int, prompt_len: int, new_tokens: int, bandwidth
 def memory(device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
-    return {"allocated": torch.cuda.memory_allocated(device), "max_allocated": torch.cuda.max_memory_allocated(device),
-            "max_reserved": torch.cuda.max_memory_reserved(device)}
+    return {
+        "allocated": torch.cuda.memory_allocated(device),
+        "max_allocated": torch.cuda.max_memory_allocated(device),
+        "max_reserved": torch.cuda.max_memory_reserved(device),
+    }
 
 
 def gspo_step(model, tok, opt, sched, cfg, device, prompts: list[str], step: int) -> dict:
@@ -232,18 +285,27 @@ def gspo_step(model, tok, opt, sched, cfg, device, prompts: list[str], step: int
     sync(device)
     t2 = time.perf_counter()
     first = run_updates(model, opt, sched, params, roll, adv, old_logp, None, plan[:1], cfg)
-    rest = run_updates(model, opt, sched, params, roll, adv, old_logp, None, plan[1:], cfg, norm_before=first.norm,
-                       first_update=1)
+    rest = run_updates(
+        model, opt, sched, params, roll, adv, old_logp, None, plan[1:], cfg, norm_before=first.norm, first_update=1
+    )
     sync(device)
     t3 = time.perf_counter()
     for h in hooks:
         h.remove()
     on_policy = metrics.finish(first.stats)
-    return {"rollout_s": t1 - t0, "old_logp_s": t2 - t1, "update_s": t3 - t2, "optimizer_s": sum(opt_s),
-            "optimizer_share_of_update": sum(opt_s) / (t3 - t2), "step_s": t3 - t0,
-            "first_update": {k: on_policy[k] for k in ("ratio_min", "ratio_max", "clip_frac")},
-            "completion_tokens": int(roll.completion_mask.sum()), "completion_width": roll.completion_ids.shape[1],
-            "micro_batches": sum(len(mb.micro) for mb in plan), "updates_applied": sum(first.finite + rest.finite)}
+    return {
+        "rollout_s": t1 - t0,
+        "old_logp_s": t2 - t1,
+        "update_s": t3 - t2,
+        "optimizer_s": sum(opt_s),
+        "optimizer_share_of_update": sum(opt_s) / (t3 - t2),
+        "step_s": t3 - t0,
+        "first_update": {k: on_policy[k] for k in ("ratio_min", "ratio_max", "clip_frac")},
+        "completion_tokens": int(roll.completion_mask.sum()),
+        "completion_width": roll.completion_ids.shape[1],
+        "micro_batches": sum(len(mb.micro) for mb in plan),
+        "updates_applied": sum(first.finite + rest.finite),
+    }
 
 
 def run_model(name: str, args, cfg, device: torch.device, ceil: dict, log) -> dict:
@@ -258,11 +320,20 @@ def run_model(name: str, args, cfg, device: torch.device, ceil: dict, log) -> di
     model.generation_config.pad_token_id = tok.pad_token_id
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     sched = make_scheduler(opt, cfg.optim, args.steps * g.num_minibatches)
-    res = {"arch": ARCHS[name], "published_params": PUBLISHED_PARAMS.get(name), **c, "dtype": str(dtype),
-           "optimizer": type(opt).__module__ + "." + type(opt).__name__, "decode": resolve_decode(g.decode, model),
-           "build_s": time.perf_counter() - t, "weights_bytes": memory(device).get("allocated")}
-    log(f"[{name}] {fmt_params(c['params'])} params, built in {res['build_s']:.1f} s ({res['optimizer']}, "
-        f"{res['decode']} decoding)")
+    res = {
+        "arch": ARCHS[name],
+        "published_params": PUBLISHED_PARAMS.get(name),
+        **c,
+        "dtype": str(dtype),
+        "optimizer": type(opt).__module__ + "." + type(opt).__name__,
+        "decode": resolve_decode(g.decode, model),
+        "build_s": time.perf_counter() - t,
+        "weights_bytes": memory(device).get("allocated"),
+    }
+    log(
+        f"[{name}] {fmt_params(c['params'])} params, built in {res['build_s']:.1f} s ({res['optimizer']}, "
+        f"{res['decode']} decoding)"
+    )
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1, model.config.vocab_size, (g.prompts_per_step, args.prompt_len), generator=gen)  # 0: pad
     prompts = [" ".join(f"t{i}" for i in row) for row in ids.tolist()]
@@ -272,14 +343,17 @@ def run_model(name: str, args, cfg, device: torch.device, ceil: dict, log) -> di
     for s in range(args.steps):
         steps.append(gspo_step(model, tok, opt, sched, cfg, device, prompts, s) | memory(device))
         if s == 0:
-            res["optimizer_state_bytes"] = sum(v.numel() * v.element_size() for st in opt.state.values()
-                                               for v in st.values() if torch.is_tensor(v))
+            res["optimizer_state_bytes"] = sum(
+                v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)
+            )
         m = steps[-1]
-        log(f"[{name}] step {s + 1}/{args.steps}: rollout {m['rollout_s']:.2f} s, "
+        log(
+            f"[{name}] step {s + 1}/{args.steps}: rollout {m['rollout_s']:.2f} s, "
             f"old log-probs {m['old_logp_s']:.2f} s, "
             f"update {m['update_s']:.2f} s (optimizer {m['optimizer_s']:.2f} s), "
             f"peak so far {gb(m.get('max_allocated'))} GB; first update: ratio {m['first_update']['ratio_min']!r} "
-            f"to {m['first_update']['ratio_max']!r}, clipped {m['first_update']['clip_frac']!r}")
+            f"to {m['first_update']['ratio_max']!r}, clipped {m['first_update']['clip_frac']!r}"
+        )
     res["steps"] = steps
     last = steps[-1]
     rows = g.prompts_per_step * g.group_size
@@ -300,8 +374,10 @@ def run_model(name: str, args, cfg, device: torch.device, ceil: dict, log) -> di
     res["update_mfu_hardware"] = f["hardware"] / last["update_s"] / peak
     res["old_logp_mfu"] = f["forward"] / last["old_logp_s"] / peak
     res["flops_formula"] = update_flops.__doc__.split("\n\n")[1].replace("\n    ", " ").strip()
-    log(f"[{name}] peak {gb(res['peak_allocated_bytes'])} GB allocated, {gb(res['peak_reserved_bytes'])} GB reserved: "
-        f"fits 80 GB: {yes_no(res['fits_80gb'])}")
+    log(
+        f"[{name}] peak {gb(res['peak_allocated_bytes'])} GB allocated, {gb(res['peak_reserved_bytes'])} GB reserved: "
+        f"fits 80 GB: {yes_no(res['fits_80gb'])}"
+    )
     return res
 
 
@@ -329,9 +405,23 @@ def yes_no(x) -> str:
 
 
 def table(results: dict) -> str:
-    head = ["model", "params", "peak alloc GB", "peak resv GB", "fits 80 GB", "rollout s", "decode tok/s",
-            "bound tok/s", "of bound", "old logp s", "update s", "optimizer s", "MFU model", "MFU hw",
-            "1st update ratio / clip"]
+    head = [
+        "model",
+        "params",
+        "peak alloc GB",
+        "peak resv GB",
+        "fits 80 GB",
+        "rollout s",
+        "decode tok/s",
+        "bound tok/s",
+        "of bound",
+        "old logp s",
+        "update s",
+        "optimizer s",
+        "MFU model",
+        "MFU hw",
+        "1st update ratio / clip",
+    ]
     lines = [head, ["---"] * len(head)]
     for name, r in results.items():
         if "error" in r:
@@ -340,20 +430,37 @@ def table(results: dict) -> str:
             continue
         s = r["steps"][-1]
         f = s["first_update"]
-        lines.append([name, fmt_params(r["params"]), gb(r["peak_allocated_bytes"]), gb(r["peak_reserved_bytes"]),
-                      yes_no(r["fits_80gb"]), f"{s['rollout_s']:.2f}",
-                      f"{r['decode_tokens_per_s']:.0f}", f"{r['decode_bound_tokens_per_s']:.0f}",
-                      f"{r['decode_fraction_of_bound']:.3f}", f"{s['old_logp_s']:.2f}", f"{s['update_s']:.2f}",
-                      f"{s['optimizer_s']:.2f}", f"{r['update_mfu_model']:.3f}", f"{r['update_mfu_hardware']:.3f}",
-                      f"{f['ratio_min']!r}..{f['ratio_max']!r} / {f['clip_frac']!r}"])
+        lines.append(
+            [
+                name,
+                fmt_params(r["params"]),
+                gb(r["peak_allocated_bytes"]),
+                gb(r["peak_reserved_bytes"]),
+                yes_no(r["fits_80gb"]),
+                f"{s['rollout_s']:.2f}",
+                f"{r['decode_tokens_per_s']:.0f}",
+                f"{r['decode_bound_tokens_per_s']:.0f}",
+                f"{r['decode_fraction_of_bound']:.3f}",
+                f"{s['old_logp_s']:.2f}",
+                f"{s['update_s']:.2f}",
+                f"{s['optimizer_s']:.2f}",
+                f"{r['update_mfu_model']:.3f}",
+                f"{r['update_mfu_hardware']:.3f}",
+                f"{f['ratio_min']!r}..{f['ratio_max']!r} / {f['clip_frac']!r}",
+            ]
+        )
     return "\n".join("| " + " | ".join(row) + " |" for row in lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="0.5b,1.5b,7b", help=f"comma-separated, of {', '.join(PUBLISHED_PARAMS)}")
-    ap.add_argument("--config", default=None, help="a training config whose gspo, optim and model sections are used "
-                                                   "(its batch, lengths, optimizer, dtype); the model is --models")
+    ap.add_argument(
+        "--config",
+        default=None,
+        help="a training config whose gspo, optim and model sections are used "
+        "(its batch, lengths, optimizer, dtype); the model is --models",
+    )
     ap.add_argument("--group-size", type=int, default=None, help="default 8, or the config's")
     ap.add_argument("--prompts", type=int, default=None, help="prompts per step: default 1, or the config's")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 512 or the config's (16 with --smoke)")
@@ -379,34 +486,64 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, flush=True)
 
-    base = [] if args.config else ["gspo.group_size=8", "gspo.prompts_per_step=1", "gspo.max_new_tokens=512",
-                                   "gspo.num_minibatches=4", "gspo.temperature=1.0", "optim.optimizer=adamw8bit",
-                                   "model.gradient_checkpointing=true"]
-    given = [f"gspo.group_size={args.group_size}" if args.group_size else None,
-             f"gspo.prompts_per_step={args.prompts}" if args.prompts else None,
-             f"gspo.max_new_tokens={16 if args.smoke else args.new_tokens}" if args.smoke or args.new_tokens else None]
+    base = (
+        []
+        if args.config
+        else [
+            "gspo.group_size=8",
+            "gspo.prompts_per_step=1",
+            "gspo.max_new_tokens=512",
+            "gspo.num_minibatches=4",
+            "gspo.temperature=1.0",
+            "optim.optimizer=adamw8bit",
+            "model.gradient_checkpointing=true",
+        ]
+    )
+    given = [
+        f"gspo.group_size={args.group_size}" if args.group_size else None,
+        f"gspo.prompts_per_step={args.prompts}" if args.prompts else None,
+        f"gspo.max_new_tokens={16 if args.smoke else args.new_tokens}" if args.smoke or args.new_tokens else None,
+    ]
     cfg = load_config(args.config, base + [x for x in given if x] + [f"gspo.max_prompt_length={args.prompt_len}"])
     args.new_tokens = cfg.gspo.max_new_tokens
     import transformers
+
     try:
         import bitsandbytes
+
         bnb_version = bitsandbytes.__version__
     except ImportError:  # then make_optimizer fails for every model, and each records why
         bnb_version = None
-    data = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "transformers": transformers.__version__, "bitsandbytes": bnb_version,
-            "python": sys.version.split()[0], "smoke": args.smoke,
-            "settings": {"models": names, "config": args.config, "group_size": cfg.gspo.group_size,
-                         "prompts_per_step": cfg.gspo.prompts_per_step, "decode": cfg.gspo.decode,
-                         "dtype": cfg.model.dtype,
-                         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "steps": args.steps,
-                         "num_minibatches": cfg.gspo.num_minibatches,
-                         "micro_batch_tokens": cfg.optim.micro_batch_tokens, "temperature": cfg.gspo.temperature,
-                         "optimizer": cfg.optim.optimizer, "gradient_checkpointing": cfg.model.gradient_checkpointing,
-                         "memory_cap_gb": args.memory_cap_gb},
-            "models": {}}
-    log(f"device: {data['device']}, torch {data['torch']}, transformers {data['transformers']}, "
-        f"bitsandbytes {bnb_version}")
+    data = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "bitsandbytes": bnb_version,
+        "python": sys.version.split()[0],
+        "smoke": args.smoke,
+        "settings": {
+            "models": names,
+            "config": args.config,
+            "group_size": cfg.gspo.group_size,
+            "prompts_per_step": cfg.gspo.prompts_per_step,
+            "decode": cfg.gspo.decode,
+            "dtype": cfg.model.dtype,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "steps": args.steps,
+            "num_minibatches": cfg.gspo.num_minibatches,
+            "micro_batch_tokens": cfg.optim.micro_batch_tokens,
+            "temperature": cfg.gspo.temperature,
+            "optimizer": cfg.optim.optimizer,
+            "gradient_checkpointing": cfg.model.gradient_checkpointing,
+            "memory_cap_gb": args.memory_cap_gb,
+        },
+        "models": {},
+    }
+    log(
+        f"device: {data['device']}, torch {data['torch']}, transformers {data['transformers']}, "
+        f"bitsandbytes {bnb_version}"
+    )
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         data["device_memory_bytes"] = total
@@ -416,16 +553,22 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     ceil = ceilings(device, resolve_dtype(cfg.model.dtype, device), args.smoke)
     data["ceilings"] = ceil
-    log(f"ceilings: matmul {ceil['matmul_flops'] / 1e12:.4g} TFLOP/s, copy {ceil['copy_bytes_per_s'] / 1e12:.4g} TB/s "
-        f"(read + written) in {time.perf_counter() - t:.1f} s")
+    log(
+        f"ceilings: matmul {ceil['matmul_flops'] / 1e12:.4g} TFLOP/s, copy {ceil['copy_bytes_per_s'] / 1e12:.4g} TB/s "
+        f"(read + written) in {time.perf_counter() - t:.1f} s"
+    )
     write_json(args.out, data)
     for name in names:
         t = time.perf_counter()
         try:
             data["models"][name] = run_model(name, args, cfg, device, ceil, log)
         except Exception as e:  # out of memory included: record it and go on with the next model
-            data["models"][name] = {"error": f"{type(e).__name__}: {e}", "oom": isinstance(e, torch.OutOfMemoryError),
-                                    "traceback": traceback.format_exc(), **memory(device)}
+            data["models"][name] = {
+                "error": f"{type(e).__name__}: {e}",
+                "oom": isinstance(e, torch.OutOfMemoryError),
+                "traceback": traceback.format_exc(),
+                **memory(device),
+            }
             log(f"[{name}] failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         data["models"][name]["wall_s"] = time.perf_counter() - t
         free(device)

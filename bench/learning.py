@@ -15,6 +15,7 @@ each.
 
 The last line is `ratio=<smallest gain / required gain>` (>= 1 when every run learns enough).
 """
+
 import argparse
 import json
 import os
@@ -29,8 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEMO = ROOT / "configs" / "demo.yaml"
 # The learning test (tests/test_learning.py) runs the demo shortened to this.
-SHORT = ["train.steps=150", "gspo.prompts_per_step=32", "gspo.num_minibatches=2", "data.eval_size=100",
-         "eval.limit=100", "train.eval_every=50"]
+SHORT = [
+    "train.steps=150",
+    "gspo.prompts_per_step=32",
+    "gspo.num_minibatches=2",
+    "data.eval_size=100",
+    "eval.limit=100",
+    "train.eval_every=50",
+]
 REQUIRED = {"demo": 0.25, "short": 0.10}
 
 
@@ -73,19 +80,38 @@ def worker(overrides: list[str], out_dir: str) -> dict:
     # The checkpoint the pipeline registers: best on the held-out problems (never the test ones), else the last.
     after = evaluate_task(res.best_dir or res.final_dir, "arithmetic", cfg)["score"]
     final = evaluate_task(res.final_dir, "arithmetic", cfg)["score"]
-    return {"before": before, "after": after, "gain": after - before, "final": final,
-            "warm_start_steps": meta["warm_start_steps"], "warm_start_reward": meta["warm_start_reward"],
-            "seconds": time.perf_counter() - t0}
+    return {
+        "before": before,
+        "after": after,
+        "gain": after - before,
+        "final": final,
+        "warm_start_steps": meta["warm_start_steps"],
+        "warm_start_reward": meta["warm_start_reward"],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def run_one(kernels: str, seed: int, overrides: list[str], tmp: Path) -> dict:
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=kernels, TORCHINDUCTOR_CACHE_DIR=str(tmp / f"inductor-{kernels}"),
-               PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ,
+        ATEN_CPU_CAPABILITY=kernels,
+        TORCHINDUCTOR_CACHE_DIR=str(tmp / f"inductor-{kernels}"),
+        PYTHONPATH=str(ROOT),
+    )
     if kernels == "default":
         env["ATEN_CPU_CAPABILITY"] = "default"
     out = tmp / f"{kernels}-{seed}"
-    args = [sys.executable, __file__, "--worker", str(out), "--", *overrides, f"train.seed={seed}",
-            "train.progress=false", "train.threads=1"]
+    args = [
+        sys.executable,
+        __file__,
+        "--worker",
+        str(out),
+        "--",
+        *overrides,
+        f"train.seed={seed}",
+        "train.progress=false",
+        "train.threads=1",
+    ]
     p = subprocess.run(args, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         return {"kernels": kernels, "seed": seed, "error": p.stderr.strip().splitlines()[-1] if p.stderr else "failed"}
@@ -95,7 +121,9 @@ def run_one(kernels: str, seed: int, overrides: list[str], tmp: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0-4", help="train seeds, e.g. 0-4 or 0,3")
-    ap.add_argument("--kernels", default=None, help="comma-separated ATEN_CPU_CAPABILITY values (default: all this CPU has)")
+    ap.add_argument(
+        "--kernels", default=None, help="comma-separated ATEN_CPU_CAPABILITY values (default: all this CPU has)"
+    )
     ap.add_argument("--short", action="store_true", help="the learning test's shortened demo")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--parallel", type=int, default=2, help="runs at once (one thread each)")
@@ -112,8 +140,9 @@ def main() -> int:
     kernels = a.kernels.split(",") if a.kernels else kernel_sets()
     overrides = (SHORT if a.short else []) + a.overrides
     required = REQUIRED["short" if a.short else "demo"]
-    print(f"config: {DEMO.name} {' '.join(overrides)}; seeds {seeds}; kernels {kernels}; need +{required:.2f}",
-          flush=True)
+    print(
+        f"config: {DEMO.name} {' '.join(overrides)}; seeds {seeds}; kernels {kernels}; need +{required:.2f}", flush=True
+    )
     with tempfile.TemporaryDirectory(prefix="gspo-learning-") as tmp, ThreadPoolExecutor(a.parallel) as pool:
         root = Path(a.keep or tmp)
         jobs = [(k, s) for s in seeds for k in kernels]
@@ -124,8 +153,10 @@ def main() -> int:
         if "error" in r:
             print(f"| {r['kernels']} | {r['seed']} | error: {r['error']} |")
             continue
-        print(f"| {r['kernels']} | {r['seed']} | {r['warm_start_steps']} | {r['before']:.3f} | {r['after']:.3f} | "
-              f"{r['gain']:+.3f} | {r['final']:.3f} | {r['seconds'] / 60:.1f} |")
+        print(
+            f"| {r['kernels']} | {r['seed']} | {r['warm_start_steps']} | {r['before']:.3f} | {r['after']:.3f} | "
+            f"{r['gain']:+.3f} | {r['final']:.3f} | {r['seconds'] / 60:.1f} |"
+        )
     ok = [r for r in runs if "error" not in r]
     if a.out:
         Path(a.out).write_text(json.dumps({"config": str(DEMO), "overrides": overrides, "runs": runs}, indent=1))
@@ -133,7 +164,9 @@ def main() -> int:
         print("ratio=nan")
         return 1
     gains = [r["gain"] for r in ok]
-    print(f"gain min {min(gains):+.3f}, max {max(gains):+.3f}; longest run {max(r['seconds'] for r in ok) / 60:.1f} min")
+    print(
+        f"gain min {min(gains):+.3f}, max {max(gains):+.3f}; longest run {max(r['seconds'] for r in ok) / 60:.1f} min"
+    )
     print(f"ratio={min(gains) / required:.3f}")
     return 0 if min(gains) >= required else 1
 

@@ -7,6 +7,7 @@ completion and the bare gold number; agreement is with the known truth. The last
 
     python bench/math_vs_math_verify.py [--data DIR] [--limit N]
 """
+
 import argparse
 import json
 import re
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rewards.math import gold_answer, is_equivalent, extract_answer  # noqa: E402
+from rewards.math import extract_answer, gold_answer, is_equivalent
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
@@ -45,8 +46,16 @@ REASONING = "First, 3 + 4 = 7 eggs.\nThen 7 * 2 = 14 dollars.\n"
 
 
 def final_answers(n: int) -> list[tuple[str, bool]]:
-    right = [f"The answer is ${n:,}.", f"\\boxed{{{n}}}", f"#### {n:,}", f"x = {n}", f"{n} dollars",
-             f"Answer: {n}.00", f"The final answer is $\\boxed{{{n:,}}}$.", f"**Answer:** {n}"]
+    right = [
+        f"The answer is ${n:,}.",
+        f"\\boxed{{{n}}}",
+        f"#### {n:,}",
+        f"x = {n}",
+        f"{n} dollars",
+        f"Answer: {n}.00",
+        f"The final answer is $\\boxed{{{n:,}}}$.",
+        f"**Answer:** {n}",
+    ]
     wrong = [f"The answer is {n + 1}.", f"\\boxed{{{n * 10}}}"] if n else [f"The answer is {n + 1}."]
     return [(a, True) for a in right] + [(a, False) for a in wrong]
 
@@ -75,10 +84,12 @@ def run(name, check, todo):
     verdicts = [check(c, g) for c, g, _ in todo]
     seconds = time.perf_counter() - t
     agree = sum(v == truth for v, (_, _, truth) in zip(verdicts, todo))
-    hard = sum(v == truth for v, (_, _, truth) in zip(verdicts[-len(HARD):], HARD))
+    hard = sum(v == truth for v, (_, _, truth) in zip(verdicts[-len(HARD) :], HARD))
     misses = [(c[-40:], g, truth) for v, (c, g, truth) in zip(verdicts, todo) if v != truth]
-    print(f"{name:12s} agreement {agree}/{len(todo)} = {agree / len(todo):.4f}  (hard formats {hard}/{len(HARD)})"
-          f"  {len(todo) / seconds:10.1f} items/s")
+    print(
+        f"{name:12s} agreement {agree}/{len(todo)} = {agree / len(todo):.4f}  (hard formats {hard}/{len(HARD)})"
+        f"  {len(todo) / seconds:10.1f} items/s"
+    )
     for c, g, truth in misses[:6]:
         print(f"    missed: ...{c!r} gold {g} truth {truth}")
     return len(todo) / seconds

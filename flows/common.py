@@ -1,9 +1,12 @@
 """What the flows share: the check of every input before the first stage, and the one summary they return."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import tasks  # noqa: F401  (offline defaults before prefect is imported, also when loaded as a file)
+
+# isort: split
 from gspo.config import Config
 from gspo.evaluate import eval_examples
 from gspo.task_table import TASKS, evaluation_reads
@@ -33,12 +36,27 @@ def eval_settings(cfg: Config) -> dict[str, str]:
     return {t: settings_hash(pick(cfg, evaluation_reads(t))) for t in cfg.eval.tasks}
 
 
-def summary(flow_run_id: str, name: str, version: str, scores: dict, gate: dict | None = None,
-            mlflow_run_id: str | None = None, **extra) -> dict:
+def summary(
+    flow_run_id: str,
+    name: str,
+    version: str,
+    scores: dict,
+    gate: dict | None = None,
+    mlflow_run_id: str | None = None,
+    **extra,
+) -> dict:
     """The JSON every flow returns (and `gspo run|evaluate|promote` prints as its last line): the registered
     model and version, the champion after this run, the promotion decision (None when there was none) and
     scores {task: {model: score}}; plus what the flow adds (report, checkpoint)."""
     gate = gate or {}
-    return {"flow_run_id": flow_run_id, "mlflow_run_id": mlflow_run_id, "registered_model": name,
-            "version": version, "champion": gate.get("champion"), "promoted": gate.get("promoted"),
-            "gate_reason": gate.get("reason"), "scores": scores, **extra}
+    return {
+        "flow_run_id": flow_run_id,
+        "mlflow_run_id": mlflow_run_id,
+        "registered_model": name,
+        "version": version,
+        "champion": gate.get("champion"),
+        "promoted": gate.get("promoted"),
+        "gate_reason": gate.get("reason"),
+        "scores": scores,
+        **extra,
+    }

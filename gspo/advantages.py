@@ -3,6 +3,7 @@
 std is the unbiased (Bessel-corrected) one, as in TRL (`nanstd`) and verl (`torch.std`), so
 numbers compare with theirs; eps is added to std as they do (TRL uses 1e-4, verl 1e-6).
 """
+
 import torch
 
 

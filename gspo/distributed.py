@@ -12,9 +12,11 @@ of them (gspo.update's idle passes, lockstep decoding). The optimizer steps each
 (`optimizer_params`), and checkpoints gather everything to rank 0 in the replicated run's format, so a run
 resumes across the switch either way.
 """
+
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -107,11 +109,19 @@ def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return norm
 
 
+def grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """Every parameter's gradient; each must have one (the update gives parameters without rows zeros)."""
+    out = [p.grad for p in params]
+    if any(g is None for g in out):
+        raise RuntimeError("a parameter has no gradient at the update")
+    return [g for g in out if g is not None]
+
+
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, norm: torch.Tensor) -> None:
     """Scale the gradients so their total norm (`norm`, computed before) is at most max_norm; torch's
     clip_grads_with_norm_, on each rank's shard of sharded gradients."""
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_([local(p.grad) for p in params], coef)
+    torch._foreach_mul_([local(g) for g in grads(params)], coef)
 
 
 def sum_gradients(params: list[torch.nn.Parameter]) -> None:
@@ -121,17 +131,17 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
         return
     bucket: list[torch.Tensor] = []
     size = 0
-    for p in params + [None]:
-        if p is not None:
-            bucket.append(p.grad)
-            size += p.grad.numel()
-        if bucket and (p is None or size >= _BUCKET_ELEMS):
+    for g in [*grads(params), None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel()
+        if bucket and (g is None or size >= _BUCKET_ELEMS):
             flat = torch.cat([g.reshape(-1) for g in bucket])
             dist.all_reduce(flat)
             offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            for b in bucket:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
             bucket, size = [], 0
 
 
@@ -143,11 +153,16 @@ def reduce_stats(stats: dict[str, torch.Tensor] | None, dev: torch.device) -> di
     from gspo.metrics import SUMS
 
     stats = stats or {}
-    sums = torch.stack([stats[k].double() if k in stats else torch.zeros((), dtype=torch.float64, device=dev)
-                        for k in SUMS]).to(dev)
+    sums = torch.stack(
+        [stats[k].double() if k in stats else torch.zeros((), dtype=torch.float64, device=dev) for k in SUMS]
+    ).to(dev)
     has = torch.tensor([float(k in stats) for k in SUMS], dtype=torch.float64, device=dev)
-    ext = torch.stack([stats.get("ratio_min", torch.tensor(float("inf"))).double().to(dev),
-                       -stats.get("ratio_max", torch.tensor(float("-inf"))).double().to(dev)])
+    ext = torch.stack(
+        [
+            stats.get("ratio_min", torch.tensor(float("inf"))).double().to(dev),
+            -stats.get("ratio_max", torch.tensor(float("-inf"))).double().to(dev),
+        ]
+    )
     dist.all_reduce(sums)
     dist.all_reduce(has)
     dist.all_reduce(ext, op=dist.ReduceOp.MIN)
@@ -187,11 +202,11 @@ def sum_floats(xs: list[float], dev: torch.device) -> list[float]:
     return t.tolist()
 
 
-def is_sharded(model) -> bool:
+def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(next(model.parameters()), DTensor)
 
 
-def shard(model, dev: torch.device) -> None:
+def shard(model: torch.nn.Module, dev: torch.device) -> None:
     """FSDP2 over all ranks: each decoder layer (the model's `_no_split_modules`) one unit, the rest (embeddings,
     final norm, LM head) the root's. Gradients are summed over ranks, not averaged: the loss is already weighted
     to the global minibatch."""
@@ -202,8 +217,10 @@ def shard(model, dev: torch.device) -> None:
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
     if not layers:
-        raise ValueError(f"train.sharding=fsdp: {type(model).__name__} names no decoder layer class "
-                         "(_no_split_modules) to shard by; use train.sharding=replicated")
+        raise ValueError(
+            f"train.sharding=fsdp: {type(model).__name__} names no decoder layer class "
+            "(_no_split_modules) to shard by; use train.sharding=replicated"
+        )
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -239,17 +256,17 @@ def _tensors(tree, path=()):
             yield from _tensors(tree[k], path + (k,))
 
 
-def _dicts_copied(tree):
+def _dicts_copied(tree: Any) -> Any:
     return {k: _dicts_copied(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
-def _put(tree: dict, path: tuple, value) -> None:
+def _put(tree: dict, path: tuple, value: torch.Tensor | None) -> None:
     for k in path[:-1]:
         tree = tree[k]
     tree[path[-1]] = value
 
 
-def full_optimizer_state(opt, params: list[torch.nn.Parameter]) -> dict | None:
+def full_optimizer_state(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict | None:
     """opt.state_dict() as one process holding the whole model would have it: every state tensor the shape of
     its parameter's shard is gathered whole. A collective under fsdp (every rank calls it); the result on rank 0,
     None on the others. Replicated, it is opt.state_dict()."""
@@ -262,8 +279,9 @@ def full_optimizer_state(opt, params: list[torch.nn.Parameter]) -> dict | None:
         p = params[i]
         for path, t in list(_tensors(sd["state"][i])):
             if t.dim() and t.shape == local(p).shape:
-                whole = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                           stride=p.stride()).full_tensor()
+                whole = DTensor.from_local(
+                    t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                ).full_tensor()
                 _put(sd["state"][i], path, whole.cpu() if rank == 0 else None)
     return sd if rank == 0 else None
 
@@ -284,7 +302,7 @@ def local_optimizer_state(sd: dict, params: list[torch.nn.Parameter]) -> dict:
     return sd
 
 
-def full_model_state(model) -> dict | None:
+def full_model_state(model: torch.nn.Module) -> dict | None:
     """The whole model's state dict on rank 0's CPU (a collective: every rank calls it; None on the others)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -299,7 +317,7 @@ def full_model_state(model) -> dict | None:
     return sd
 
 
-def load_full_model_state(model, state: dict):
+def load_full_model_state(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
     """A whole state dict (every rank holds it) into the sharded model; (missing, unexpected) keys."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

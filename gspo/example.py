@@ -1,4 +1,5 @@
 """One example of any task: what the model is asked, what is right, which reward judges it."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -17,5 +18,7 @@ class Example:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Example":
-        return cls(id=str(d["id"]), prompt=d["prompt"], reference=d["reference"], task=d["task"], meta=d.get("meta") or {})
+    def from_dict(cls, d: dict) -> Example:
+        return cls(
+            id=str(d["id"]), prompt=d["prompt"], reference=d["reference"], task=d["task"], meta=d.get("meta") or {}
+        )

@@ -5,6 +5,7 @@ parent directory, so a crash (or a full disk) leaves either the old content or t
 reader never trusts something half-written. `read_jsonl` is the one JSONL reader: every error is one line
 that starts with `file:line`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 
 def _fsync_dir(path: Path) -> None:
@@ -32,7 +34,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -62,7 +64,7 @@ def atomic_dir(final: str | os.PathLike, replace: bool = True) -> Iterator[Path]
 
 def commit_dir(work: Path, final: Path, replace: bool = True) -> None:
     """Make a fully written directory durable and rename it to `final`."""
-    for root, dirs, files in os.walk(work):
+    for root, _dirs, files in os.walk(work):
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:

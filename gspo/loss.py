@@ -5,6 +5,7 @@ Normalisation is TRL's loss_type="grpo": mean over a sequence's tokens, then mea
 sequences. A sequence with no completion tokens counts as length 1: it adds zero to the sum,
 still counts in B, and has sequence ratio exactly 1 (so it is never clipped).
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +43,10 @@ def policy_loss(
     if old_logp.shape != (B, T) or mask.shape != (B, T) or (ref_logp is not None and ref_logp.shape != (B, T)):
         raise ValueError(f"policy_loss: old_logp/mask/ref_logp must have logp's shape {(B, T)}")
     if advantages.shape != (B,) and (level == "sequence" or advantages.shape != (B, T)):
-        raise ValueError(f"policy_loss: advantages shape {tuple(advantages.shape)}, expected {(B,)}"
-                         + ("" if level == "sequence" else f" or {(B, T)}"))
+        raise ValueError(
+            f"policy_loss: advantages shape {tuple(advantages.shape)}, expected {(B,)}"
+            + ("" if level == "sequence" else f" or {(B, T)}")
+        )
     if beta > 0 and ref_logp is None:
         raise ValueError("policy_loss: beta > 0 needs ref_logp")
 
@@ -81,18 +84,33 @@ def policy_loss(
     low = (ratio < 1 - eps_low) & (A < 0)
     with torch.no_grad():
         if level == "token":  # fractions and ratios over completion tokens
-            count = lambda x: (x & m).sum().to(dtype)
+
+            def count(x: torch.Tensor) -> torch.Tensor:
+                return (x & m).sum().to(dtype)
+
             den = m.sum().to(dtype)
             r_sum = torch.where(m, ratio, 0.0).sum()
             r_min, r_max = torch.where(m, ratio, torch.inf).amin(), torch.where(m, ratio, -torch.inf).amax()
         else:  # over sequences; a GSPO-token sequence counts by the share of its tokens clipped
-            count = lambda x: (x.to(dtype) if level == "sequence" else seq_mean(x.to(dtype))).sum()
+
+            def count(x: torch.Tensor) -> torch.Tensor:
+                return (x.to(dtype) if level == "sequence" else seq_mean(x.to(dtype))).sum()
+
             den = n.new_full((), float(B))
             r = log_s.exp()
             r_sum, r_min, r_max = r.sum(), r.amin(), r.amax()
-        stats = {"rows": n.new_full((), float(B)), "loss": -per_seq.sum(), "clip_den": den, "clip": count(high | low),
-                 "clip_low": count(low), "clip_high": count(high), "ratio_sum": r_sum, "ratio_n": den,
-                 "ratio_min": r_min, "ratio_max": r_max}
+        stats = {
+            "rows": n.new_full((), float(B)),
+            "loss": -per_seq.sum(),
+            "clip_den": den,
+            "clip": count(high | low),
+            "clip_low": count(low),
+            "clip_high": count(high),
+            "ratio_sum": r_sum,
+            "ratio_n": den,
+            "ratio_min": r_min,
+            "ratio_max": r_max,
+        }
 
     if ref_logp is not None:
         d = torch.where(m, ref_logp.to(dtype) - lp, 0.0).clamp(max=log_ratio_cap)  # (B, T) log(pi_ref / pi)

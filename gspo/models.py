@@ -1,12 +1,18 @@
 """Model loading: device, dtype, threads, dropout off, fp32 logits, gradient checkpointing, LoRA."""
+
 from __future__ import annotations
 
 import types
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from gspo.config import ModelConfig
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def use_threads(n: int) -> None:
@@ -28,7 +34,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_tokenizer(path: str | Path, revision: str | None = None):
+def load_tokenizer(path: str | Path, revision: str | None = None) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path), revision=revision)
@@ -38,7 +44,7 @@ def load_tokenizer(path: str | Path, revision: str | None = None):
     return tok
 
 
-def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, trainable: bool = True):
+def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, trainable: bool = True) -> PreTrainedModel:
     """Load a causal LM from a local directory or hub id, with the config's dtype, checkpointing and LoRA."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -46,14 +52,16 @@ def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, trainab
     kw = {"dtype": resolve_dtype(cfg.dtype, device), "revision": cfg.revision, "config": without_dropout(config)}
     if cfg.attn_implementation:
         kw["attn_implementation"] = cfg.attn_implementation
-    model = fp32_logits(AutoModelForCausalLM.from_pretrained(str(path), **kw).to(device))
+    loaded = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    # transformers wraps PreTrainedModel.to with functools.wraps, which the type checker reads as unbound.
+    model = fp32_logits(loaded.to(device))  # type: ignore[arg-type]
     if not trainable:
         model.eval().requires_grad_(False)
         return model
     return prepare_for_training(model, cfg)
 
 
-def without_dropout(config):
+def without_dropout(config: PretrainedConfig) -> PretrainedConfig:
     """The model config with every dropout probability set to 0 (TRL's disable_dropout does the same).
 
     GSPO's ratio compares the training forward with the distribution that sampled the completions; dropout
@@ -65,7 +73,7 @@ def without_dropout(config):
     return config
 
 
-def fp32_logits(model):
+def fp32_logits(model: PreTrainedModel) -> PreTrainedModel:
     """Compute the LM head in fp32 when the weights are not.
 
     bf16 logits of a 152k vocabulary carry errors of about 0.05 nats per token, two orders of magnitude above
@@ -75,16 +83,17 @@ def fp32_logits(model):
     if head is None or head.weight.dtype == torch.float32 or not isinstance(head, torch.nn.Linear):
         return model
 
-    def forward(self, x):
+    def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return torch.nn.functional.linear(x.float(), self.weight.float(),
-                                              None if self.bias is None else self.bias.float())
+            return torch.nn.functional.linear(
+                x.float(), self.weight.float(), None if self.bias is None else self.bias.float()
+            )
 
-    head.forward = types.MethodType(forward, head)
+    head.forward = types.MethodType(forward, head)  # type: ignore[method-assign]
     return model
 
 
-def prepare_for_training(model, cfg: ModelConfig):
+def prepare_for_training(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
     """Activation checkpointing and LoRA as the config asks; the model in train mode (a PEFT wrapper with LoRA).
 
     Dropout modules are switched off (see `without_dropout`), so train mode changes nothing but checkpointing."""
@@ -103,18 +112,27 @@ def prepare_for_training(model, cfg: ModelConfig):
 
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                 target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM"))
+        # The LoRA wrapper forwards every attribute to the model it wraps, so it is used as one.
+        model = get_peft_model(  # type: ignore[assignment]
+            model,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=0.0,
+                target_modules=list(cfg.lora_target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
     model.train()
     return model
 
 
-def save_model(model, tokenizer, out_dir: Path) -> None:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     """Full weights for plain models; PEFT models are merged so every checkpoint loads with transformers alone."""
     to_save = model
     if hasattr(model, "merge_and_unload"):
         import copy
 
-        to_save = copy.deepcopy(model).merge_and_unload()
+        to_save = cast("PeftModel", copy.deepcopy(model)).merge_and_unload()
     to_save.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

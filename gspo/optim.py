@@ -16,9 +16,11 @@ is written back by `optim.low_precision_update`:
 
 fp32 parameters (CPU training, LoRA adapters) are updated directly.
 """
+
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -31,7 +33,7 @@ def _rounding_adamw():
     class RoundingAdamW(bnb.optim.AdamW):
         """bitsandbytes AdamW (8- or 32-bit states) whose low-precision parameters are stepped in fp32."""
 
-        def __init__(self, params, rounding: str, seed: int, **kw):
+        def __init__(self, params: list[torch.nn.Parameter], rounding: str, seed: int, **kw: Any) -> None:
             super().__init__(params, **kw)
             self.rounding = rounding
             self.seed = seed
@@ -70,10 +72,10 @@ def _rounding_adamw():
             sd["rounding_generators"] = {str(d): g.get_state() for d, g in self._generators.items()}
             return sd
 
-        def load_state_dict(self, state_dict):
+        def load_state_dict(self, state_dict: dict[str, Any], move_to_device: bool = True) -> None:
             state_dict = dict(state_dict)
             gens = state_dict.pop("rounding_generators", {})
-            super().load_state_dict(state_dict)
+            super().load_state_dict(state_dict, move_to_device)
             for d, s in gens.items():
                 self._generator(torch.device(d)).set_state(s)
 
@@ -94,19 +96,29 @@ def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, seed: int = 0) -> torch.optim.Optimizer:
     """AdamW over `params` as cfg says; low-precision parameters get cfg.low_precision_update."""
     params = list(params)
-    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    lr, betas, weight_decay = cfg.lr, (cfg.betas[0], cfg.betas[1]), cfg.weight_decay
     low = [p for p in params if p.dtype != torch.float32]
     if low and cfg.low_precision_update == "stochastic" and any(p.dtype != torch.bfloat16 for p in low):
-        raise ValueError("optim.low_precision_update: stochastic rounding is for bfloat16 weights; "
-                         "use kahan for float16")
+        raise ValueError(
+            "optim.low_precision_update: stochastic rounding is for bfloat16 weights; use kahan for float16"
+        )
     if cfg.optimizer == "adamw8bit" or low:
-        return _rounding_adamw()(params, cfg.low_precision_update, seed,
-                                 optim_bits=8 if cfg.optimizer == "adamw8bit" else 32, **kw)
+        return _rounding_adamw()(
+            params,
+            cfg.low_precision_update,
+            seed,
+            optim_bits=8 if cfg.optimizer == "adamw8bit" else 32,
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+        )
     # fp32 weights: the fused kernel is several times faster than the per-tensor loop, on the CPU too.
-    return torch.optim.AdamW(params, fused=True, **kw)
+    return torch.optim.AdamW(params, fused=True, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_updates: int):
+def make_scheduler(
+    opt: torch.optim.Optimizer, cfg: OptimConfig, total_updates: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to the peak, then cosine decay to min_lr_ratio of it."""
     warm = cfg.warmup_steps
 

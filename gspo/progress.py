@@ -1,5 +1,6 @@
 """Progress of a long loop: a bar on a terminal, plain periodic log lines anywhere else (worker logs, files),
 where a bar's carriage returns would pile up into one unreadable line."""
+
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,7 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
         self.enabled = enabled
 
-    def update(self, n: int, **shown) -> None:
+    def update(self, n: int, **shown: object) -> None:
         """Advance to n done; `shown` values go on the bar, or on the periodic line."""
         self.n = n
         if self.bar is not None:

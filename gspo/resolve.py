@@ -1,11 +1,15 @@
 """Resolve a model name to a local directory: the built-in tiny model, a local path, or a hub snapshot."""
+
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 from gspo.config import ModelConfig
 from gspo.tiny import save_tiny
+
+log = logging.getLogger(__name__)
 
 
 def resolve_model(cfg: ModelConfig, dest: str | Path) -> Path:
@@ -19,12 +23,20 @@ def resolve_model(cfg: ModelConfig, dest: str | Path) -> Path:
         return local
     from huggingface_hub import snapshot_download
 
+    log.info("fetching %s (revision %s) from the hub into %s", cfg.name, cfg.revision or "default", dest)
     try:
-        return Path(snapshot_download(cfg.name, revision=cfg.revision, local_dir=str(dest),
-                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        return Path(
+            snapshot_download(
+                cfg.name,
+                revision=cfg.revision,
+                local_dir=str(dest),
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        )
     except Exception as e:  # offline, unknown id, gated repo: one line, not a network traceback
-        raise ValueError(f"model.name: cannot fetch {cfg.name!r} from the hub ({type(e).__name__}); "
-                         "pass a local directory or 'tiny'") from None
+        raise ValueError(
+            f"model.name: cannot fetch {cfg.name!r} from the hub ({type(e).__name__}); pass a local directory or 'tiny'"
+        ) from None
 
 
 def dir_hash(path: str | Path) -> str:

@@ -1,11 +1,15 @@
 """Token sampling shared by both decoders (gspo.rollout's eager one and gspo.static_decode's compiled one):
 counter-based Gumbel noise, the pick of each row's next token, the prompt prefill."""
+
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _M1, _M2 = -4658895280553007687, -7723592293110705685  # splitmix64 multipliers as signed int64
 
@@ -19,7 +23,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & 0x1FFFFFFFF)
 
 
-def gumbel_noise(row_seeds: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
+def gumbel_noise(row_seeds: torch.Tensor, t: int | torch.Tensor, vocab: int) -> torch.Tensor:
     """(B, V) Gumbel noise that depends only on (row seed, position, token id).
 
     Sampling is argmax(logits / T + noise): exactly a draw from softmax(logits / T), and a row's draw does not
@@ -27,7 +31,7 @@ def gumbel_noise(row_seeds: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
     """
     v = torch.arange(vocab, device=row_seeds.device, dtype=torch.int64)
     x = _mix(_mix(row_seeds * 1_000_003 + t)[:, None] + v[None, :])
-    u = ((x >> 11) & ((1 << 53) - 1)).double().add_(0.5).div_(2.0 ** 53)  # in (0, 1), never 0 or 1
+    u = ((x >> 11) & ((1 << 53) - 1)).double().add_(0.5).div_(2.0**53)  # in (0, 1), never 0 or 1
     return -torch.log(-torch.log(u)).float()
 
 
@@ -40,7 +44,16 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
 
 
-def pick(logits, row_seeds, t: int, done, eos, pad_id: int, temperature: float, top_p: float):
+def pick(
+    logits: torch.Tensor,
+    row_seeds: torch.Tensor | None,
+    t: int | torch.Tensor,
+    done: torch.Tensor,
+    eos: torch.Tensor,
+    pad_id: int,
+    temperature: float,
+    top_p: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Next token of every row from its last logits (B, V): greedy without row_seeds, else a Gumbel-max draw from
     the tempered (and nucleus-cut) distribution; pad after EOS. Returns (token, log-prob, entropy, done), the
     log-prob and entropy of the tempered distribution before the cut (None when greedy; 0 on a padded row)."""
@@ -62,18 +75,25 @@ def pick(logits, row_seeds, t: int, done, eos, pad_id: int, temperature: float, 
     return nxt, lp, ent, done | (nxt[:, None] == eos[None, :]).any(-1)
 
 
-def _cache_arg(model) -> str:
+def _cache_arg(model: PreTrainedModel) -> str:
     """transformers 5 renamed the KV-cache argument and output field from past_key_values to cache."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps forward in **kwargs
+    base = getattr(model, "get_base_model", lambda: model)()  # PEFT wraps forward in **kwargs
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
-def plain(tensors):
+# A decode's (B, T) completion ids and, when sampled, the (B, T) log-probs and entropies of its draws.
+Decoded = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+def plain(out: Decoded) -> Decoded:
     """Ordinary copies of inference tensors, which cannot be saved for backward (the caller may train on them)."""
-    return tuple(None if x is None else x.clone() for x in tensors)
+    ids, logp, ent = out
+    return ids.clone(), None if logp is None else logp.clone(), None if ent is None else ent.clone()
 
 
-def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+def prefill(
+    model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+) -> tuple[torch.Tensor, Any, torch.Tensor, str]:
     """One forward over left-padded prompts: (last logits (P, V), KV cache, last position (P, 1), cache field name)."""
     pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)

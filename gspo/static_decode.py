@@ -23,16 +23,26 @@ trained); code that swaps parameter tensors for new ones (merging LoRA into the 
 `load_state_dict(assign=True)`, moving the model) leaves the recorded graphs pointing at the old storage until
 torch notices and records again, so do that between rollouts, never during one.
 """
+
 from __future__ import annotations
 
 import functools
 import types
 import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gspo.sampling import pick, plain, prefill
+from gspo.sampling import Decoded, pick, plain, prefill
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# A KV cache (transformers' StaticCache, or the prefill's DynamicCache). transformers types a cache's layers as a
+# union with kinds a full-attention model never has (`supported` checks that), so caches are not checked here.
+KVCache = Any
 
 CHECK_EVERY = 16  # tokens between host reads of how many rows still decode; each read waits for the GPU
 CACHE_ROUND = 256  # cache lengths are rounded up to this, so prompts of different widths share a compiled step
@@ -54,7 +64,7 @@ def length_bucket(n: int) -> int:
     return -(-n // CACHE_ROUND) * CACHE_ROUND
 
 
-def supported(model) -> bool:
+def supported(model: PreTrainedModel) -> bool:
     """Whether every layer of the model attends to the whole sequence (a StaticCache of plain layers)."""
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
@@ -62,27 +72,73 @@ def supported(model) -> bool:
     return all(type(layer) is StaticLayer for layer in StaticCache(config=model.config, max_cache_len=1).layers)
 
 
-def sample_static(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-                  eos_ids: set[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-                  row_seeds: torch.Tensor | None = None, rows: torch.Tensor | None = None, compile: bool = True):
+def sample_static(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    row_seeds: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    compile: bool = True,
+) -> Decoded:
     """`gspo.rollout.sample` on a static KV cache; compile=False runs the same step eagerly (for checking it)."""
     if not supported(model):
-        raise StaticDecodeUnavailable("gspo.decode=static supports models whose every layer attends to the whole "
-                                      "sequence (no sliding window); use gspo.decode=eager for this model")
+        raise StaticDecodeUnavailable(
+            "gspo.decode=static supports models whose every layer attends to the whole "
+            "sequence (no sliding window); use gspo.decode=eager for this model"
+        )
     with _grouped_attention(model):
-        return plain(_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p,
-                             row_seeds, rows, compile))
+        return plain(
+            _decode(
+                model,
+                prompt_ids,
+                prompt_mask,
+                max_new_tokens,
+                eos_ids,
+                pad_id,
+                temperature,
+                top_p,
+                row_seeds,
+                rows,
+                compile,
+            )
+        )
 
 
-def _step(model, cache, cache_arg: str, tok, pos, attn, row_seeds, t, done, eos, pad_id: int, temperature: float,
-          top_p: float):
+def _step(
+    model: PreTrainedModel,
+    cache: KVCache,
+    cache_arg: str,
+    tok: torch.Tensor,
+    pos: torch.Tensor,
+    attn: torch.Tensor,
+    row_seeds: torch.Tensor | None,
+    t: torch.Tensor,
+    done: torch.Tensor,
+    eos: torch.Tensor,
+    pad_id: int,
+    temperature: float,
+    top_p: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Feed each row's last token (B,) at position pos (B, 1) into the static cache and pick the next one."""
     out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{cache_arg: cache})
     return pick(out.logits[:, -1, :], row_seeds, t, done, eos, pad_id, temperature, top_p)
 
 
-def _grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                  **kw):
+def _grouped_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kw: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """sdpa for one new token per row, with the query heads that share a key/value head attending to it together.
 
     transformers' sdpa does this outside torch.compile only; inside a compiled step it copies every key/value head
@@ -97,8 +153,9 @@ def _grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.
     B, H, _, D = query.shape
     # (B, H, 1, D) -> (B, H_kv, groups, D): a group's query heads become that key/value head's queries; the mask,
     # (B, 1, 1, L), is the same for all of them.
-    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(B, H // groups, groups, D), key, value,
-                                                           attn_mask=attention_mask, scale=scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(B, H // groups, groups, D), key, value, attn_mask=attention_mask, scale=scaling
+    )
     return out.reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
 
 
@@ -112,7 +169,7 @@ def _register_grouped() -> None:
 
 
 @contextmanager
-def _grouped_attention(model):
+def _grouped_attention(model: PreTrainedModel) -> Iterator[None]:
     """The model's attention switched from sdpa to `_grouped_sdpa` while decoding; any other stays as it is."""
     if model.config._attn_implementation != "sdpa":
         yield
@@ -125,7 +182,7 @@ def _grouped_attention(model):
         model.set_attn_implementation("sdpa")
 
 
-def _compiled_step():
+def _compiled_step() -> Callable[..., Any]:
     # A fresh code object per shape: dynamo keeps its compiled entries on the code object and tries them in turn
     # on every call, so one entry each keeps the per-token guard check short and clear of the recompile limit.
     # fullgraph: a graph break would quietly run part of every token eagerly, which is what this path exists to
@@ -138,12 +195,12 @@ class _Pool:
     """The static caches of one cache length for every row bucket, views of one allocation (the largest bucket's),
     and their compiled steps."""
 
-    def __init__(self, model, L: int):
+    def __init__(self, model: PreTrainedModel, L: int) -> None:
         self.config, self.L = model.config, L
         self.caches: dict = {}  # rows -> StaticCache
         self.steps: dict = {}  # rows -> compiled step
 
-    def cache(self, rows: int, like) -> "StaticCache":
+    def cache(self, rows: int, like: KVCache) -> KVCache:
         """The cache for `rows` slots; `like` is a cache of the same model (any batch) whose layers give the
         head counts, sizes, dtype and device."""
         from transformers import StaticCache
@@ -153,10 +210,11 @@ class _Pool:
         largest = max(self.caches, default=0)
         if rows > largest:
             # A larger bucket: a new allocation, and every smaller bucket becomes a view of it (recompiled once).
-            big = StaticCache(config=self.config, max_cache_len=self.L)
+            big: KVCache = StaticCache(config=self.config, max_cache_len=self.L)
             for layer, src in zip(big.layers, like.layers):
-                layer.lazy_initialization(src.keys[:1].expand(rows, -1, -1, -1),
-                                          src.values[:1].expand(rows, -1, -1, -1))
+                layer.lazy_initialization(
+                    src.keys[:1].expand(rows, -1, -1, -1), src.values[:1].expand(rows, -1, -1, -1)
+                )
             old, self.caches, self.steps = list(self.caches), {rows: big}, {}
             for r in old:
                 self._view(r, like)
@@ -164,11 +222,11 @@ class _Pool:
             self._view(rows, like)
         return self.caches[rows]
 
-    def _view(self, rows: int, like) -> None:
+    def _view(self, rows: int, like: KVCache) -> None:
         from transformers import StaticCache
 
         big = self.caches[max(self.caches)]
-        cache = StaticCache(config=self.config, max_cache_len=self.L)
+        cache: KVCache = StaticCache(config=self.config, max_cache_len=self.L)
         for layer, src, whole in zip(cache.layers, like.layers, big.layers):
             layer.lazy_initialization(src.keys[:0], src.values[:0])  # sizes and device, nothing allocated
             # The first `rows` slots of the largest bucket; one position counter for them all.
@@ -178,13 +236,13 @@ class _Pool:
             torch._dynamo.mark_static_address(layer.values)
         self.caches[rows] = cache
 
-    def step(self, rows: int):
+    def step(self, rows: int) -> Callable[..., Any]:
         if rows not in self.steps:
             self.steps[rows] = _compiled_step()
         return self.steps[rows]
 
 
-def _pool(model, L: int, dtype: torch.dtype, device: torch.device) -> _Pool:
+def _pool(model: PreTrainedModel, L: int, dtype: torch.dtype, device: torch.device) -> _Pool:
     per_model = _pools.setdefault(model, {})
     key = (L, dtype, device)
     if key not in per_model:
@@ -192,7 +250,7 @@ def _pool(model, L: int, dtype: torch.dtype, device: torch.device) -> _Pool:
     return per_model[key]
 
 
-def _load(cache, prompt_cache, src: torch.Tensor, P: int) -> None:
+def _load(cache: KVCache, prompt_cache: KVCache, src: torch.Tensor, P: int) -> None:
     """Copy the prompts' keys and values into slots 0..P-1 of each slot's row (src: the prompt of each slot)."""
     for layer, prompt in zip(cache.layers, prompt_cache.layers):
         # In place: the compiled step reads these tensors at the addresses it was recorded with.
@@ -203,7 +261,7 @@ def _load(cache, prompt_cache, src: torch.Tensor, P: int) -> None:
         layer.cumulative_length.fill_(P)
 
 
-def _move(cache, to, keep: torch.Tensor) -> None:
+def _move(cache: KVCache, to: KVCache, keep: torch.Tensor) -> None:
     """Slots `keep` of `cache` into slots 0..len(keep)-1 of `to` (a view of the same allocation)."""
     for layer, dst in zip(cache.layers, to.layers):
         dst.keys.copy_(layer.keys.index_select(0, keep))  # index_select copies first: the two overlap
@@ -211,8 +269,19 @@ def _move(cache, to, keep: torch.Tensor) -> None:
 
 
 @torch.inference_mode()
-def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, row_seeds, rows,
-            compile):
+def _decode(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    pad_id: int,
+    temperature: float,
+    top_p: float,
+    row_seeds: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    compile: bool,
+) -> Decoded:
     device = prompt_ids.device
     eos = torch.tensor(sorted(eos_ids), device=device)
     # The prefill is sample's own: eager, each distinct prompt once.
@@ -229,7 +298,8 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
     done = torch.arange(b, device=device) >= B
     steps = torch.arange(max_new_tokens, device=device)  # step numbers as tensors: one graph serves every step
     tok, lp, ent, done = pick(logits[src], seeds, steps[0], done, eos, pad_id, temperature, top_p)
-    segments = [(slots, [(tok, lp, ent)])]  # (slot -> row, the picks made with that assignment)
+    # (slot -> row, the picks (token, log-prob, entropy) made with that assignment)
+    segments: list[tuple[torch.Tensor, list[tuple]]] = [(slots, [(tok, lp, ent)])]
     if max_new_tokens > 1:
         pool = _pool(model, length_bucket(P + max_new_tokens), logits.dtype, device)
         cache = pool.cache(b, prompt_cache)
@@ -259,8 +329,9 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
             if compile and device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
             try:
-                nxt = step(model, cache, cache_arg, tok, pos + t, attn, seeds, steps[t], done, eos, pad_id,
-                           temperature, top_p)
+                nxt = step(
+                    model, cache, cache_arg, tok, pos + t, attn, seeds, steps[t], done, eos, pad_id, temperature, top_p
+                )
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:
@@ -268,14 +339,18 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
                     raise
                 raise StaticDecodeUnavailable(
                     f"gspo.decode=static: the compiled decode step failed ({type(e).__name__}: {e}); "
-                    "set gspo.decode=eager to decode without torch.compile") from e
+                    "set gspo.decode=eager to decode without torch.compile"
+                ) from e
             # A CUDA graph writes its outputs to the same memory on every replay: keep copies.
-            tok, lp, ent, done = (None if x is None else x.clone() for x in nxt)
+            tok, done = nxt[0].clone(), nxt[3].clone()
+            lp, ent = (None if x is None else x.clone() for x in nxt[1:3])
             segments[-1][1].append((tok, lp, ent))
     return _assemble(segments, B, pad_id, eos, row_seeds is not None)
 
 
-def _assemble(segments, B: int, pad_id: int, eos: torch.Tensor, sampled: bool):
+def _assemble(
+    segments: list[tuple[torch.Tensor, list[tuple]]], B: int, pad_id: int, eos: torch.Tensor, sampled: bool
+) -> Decoded:
     """(B, T) tokens, log-probs and entropies from the segments' picks, trimmed to where `sample` stops."""
     T = sum(len(picks) for _, picks in segments)
     device = segments[0][0].device

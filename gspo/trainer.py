@@ -1,6 +1,7 @@
 """The GSPO loop, one step in labelled phases: rollout -> reward -> group advantages -> plan -> old log-probs
 -> several clipped minibatch updates (gspo.update) -> metrics (gspo.metrics) -> evaluation and checkpoints.
 Resumes exactly from its last checkpoint."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,10 +12,11 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -30,6 +32,9 @@ from gspo.optim import make_optimizer, make_scheduler
 from gspo.progress import Progress
 from gspo.rollout import Rollout, generate
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ class TrainResult:
 @dataclass
 class TrainState:
     """Everything beyond model and optimizer that an exact resume needs."""
+
     step: int = 0
     epoch: int = 0
     position: int = 0  # index into this epoch's prompt order
@@ -64,11 +70,11 @@ class PromptSampler:
         self.n, self.seed, self.state = n, seed, state
 
     def take(self, k: int) -> list[int]:
-        out = []
+        out: list[int] = []
         while len(out) < k:
             order = np.random.default_rng([self.seed, self.state.epoch]).permutation(self.n)
             take = min(k - len(out), self.n - self.state.position)
-            out += order[self.state.position:self.state.position + take].tolist()
+            out += order[self.state.position : self.state.position + take].tolist()
             self.state.position += take
             if self.state.position == self.n:
                 self.state.epoch, self.state.position = self.state.epoch + 1, 0
@@ -90,22 +96,41 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def sampler_logprobs_are_exact(model, device: torch.device) -> bool:
+def sampler_logprobs_are_exact(model: PreTrainedModel, device: torch.device) -> bool:
     """Whether the decoder's own log-probs may stand in for a fresh forward's as the old log-probs.
 
     In fp32 on the CPU, without autocast, the KV-cache decoder's log-probs equal a full forward's to about 1e-6
     per token (tests/test_rollout.py), far inside the 3e-4 clip, so that forward is skipped. Any lower-precision
     weight or buffer, or another device, makes the two differ by more: there they are recomputed."""
-    return device.type == "cpu" and all(t.dtype == torch.float32 for t in
-                                        [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())])
+    return device.type == "cpu" and all(
+        t.dtype == torch.float32 for t in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    )
 
 
-def rollout(model, tok, prompts: list[str], cfg: Config, step: int, first_row: int, n_rows: int) -> Rollout:
+def rollout(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: list[str],
+    cfg: Config,
+    step: int,
+    first_row: int,
+    n_rows: int,
+) -> Rollout:
     """group_size sampled completions per prompt; this rank's rows start at global row first_row of n_rows."""
     g = cfg.gspo
     seeds = update.row_seeds(cfg.train.seed, step, n_rows, first_row, len(prompts) * g.group_size)
-    return generate(model, tok, prompts, g.group_size, g.max_new_tokens, g.temperature, g.top_p, g.max_prompt_length,
-                    row_seeds=seeds, decode=g.decode)
+    return generate(
+        model,
+        tok,
+        prompts,
+        g.group_size,
+        g.max_new_tokens,
+        g.temperature,
+        g.top_p,
+        g.max_prompt_length,
+        row_seeds=seeds,
+        decode=g.decode,
+    )
 
 
 # Fields that may differ between a run and its resumption: they change neither the weights nor the data order.
@@ -116,24 +141,33 @@ RUN_RECORD = "run.json"
 def resume_sections(cfg: Config) -> dict:
     """The config a run's result depends on: what must be equal for one run to continue another."""
     d = cfg.to_dict()
-    out = {k: {f: v for f, v in d[k].items() if f not in RESUMABLE_CHANGES.get(k, set())}
-           for k in ("model", "data", "warm_start", "gspo", "optim", "train")}
+    out = {
+        k: {f: v for f, v in d[k].items() if f not in RESUMABLE_CHANGES.get(k, set())}
+        for k in ("model", "data", "warm_start", "gspo", "optim", "train")
+    }
     out["eval"] = {"code_timeout": d["eval"]["code_timeout"]}  # it decides code rewards
     return out
 
 
 def differences(old: dict, new: dict) -> list[str]:
     """`section.field: old -> new` for every field of two resume_sections() that differs."""
-    return [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}" for sec, fields in new.items()
-            for k, v in fields.items() if old.get(sec, {}).get(k) != v]
+    return [
+        f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}"
+        for sec, fields in new.items()
+        for k, v in fields.items()
+        if old.get(sec, {}).get(k) != v
+    ]
 
 
 def run_record(cfg: Config, model_dir: Path, train_examples: list[Example]) -> dict:
     """What a run trains: the config sections training reads and fingerprints of its model and data."""
     data = b"".join(json.dumps(e.to_dict(), sort_keys=True).encode() + b"\n" for e in train_examples)
     files = sorted((str(f.relative_to(model_dir)), f.stat().st_size) for f in Path(model_dir).rglob("*") if f.is_file())
-    return {"config": resume_sections(cfg), "train_data_sha256": hashlib.sha256(data).hexdigest(),
-            "model_files": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
+    return {
+        "config": resume_sections(cfg),
+        "train_data_sha256": hashlib.sha256(data).hexdigest(),
+        "model_files": hashlib.sha256(json.dumps(files).encode()).hexdigest(),
+    }
 
 
 def check_same_run(out_dir: Path, record: dict) -> None:
@@ -145,8 +179,10 @@ def check_same_run(out_dir: Path, record: dict) -> None:
     diff = differences(old["config"], record["config"])
     diff += [f"{k} changed" for k in ("train_data_sha256", "model_files") if old.get(k) != record[k]]
     if diff:
-        raise ValueError(f"{out_dir} holds a run of another training configuration ({'; '.join(diff[:6])}"
-                         f"{'; ...' if len(diff) > 6 else ''}); train into a new directory")
+        raise ValueError(
+            f"{out_dir} holds a run of another training configuration ({'; '.join(diff[:6])}"
+            f"{'; ...' if len(diff) > 6 else ''}); train into a new directory"
+        )
 
 
 @contextmanager
@@ -165,8 +201,10 @@ def stop_requests():
             os.kill(os.getpid(), signum)
             return
         flag.append(signum)
-        log.warning("%s received: stopping at the end of this step's updates with a checkpoint "
-                    "(send it again to stop at once)", signal.Signals(signum).name)
+        log.warning(
+            "%s received: stopping at the end of this step's updates with a checkpoint (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -179,8 +217,9 @@ def stop_requests():
 class Run:
     """One training run's live objects, built once: model (and reference), optimizer, schedule, loop state."""
 
-    def __init__(self, cfg: Config, model_dir: Path, train_examples: list[Example], eval_examples: list[Example],
-                 out_dir: Path):
+    def __init__(
+        self, cfg: Config, model_dir: Path, train_examples: list[Example], eval_examples: list[Example], out_dir: Path
+    ):
         g, t = cfg.gspo, cfg.train
         self.cfg, self.out_dir = cfg, out_dir
         self.rank, self.world = distributed.rank_and_world()
@@ -193,8 +232,11 @@ class Run:
         torch.manual_seed(t.seed)
         self.tok = load_tokenizer(model_dir)
         self.model = load_model(model_dir, cfg.model, self.device)
-        self.ref = (load_model(model_dir, cfg.model, self.device, trainable=False)
-                    if g.beta > 0 and cfg.model.lora_r == 0 else None)
+        self.ref = (
+            load_model(model_dir, cfg.model, self.device, trainable=False)
+            if g.beta > 0 and cfg.model.lora_r == 0
+            else None
+        )
         if self.sharded:
             for m in (self.model, self.ref):
                 if m is not None:
@@ -209,7 +251,7 @@ class Run:
         self.metrics_path = out_dir / "metrics.jsonl"
         self.examples = train_examples
         self.prompts = [format_prompt(self.tok, e, cfg.data.use_chat_template) for e in train_examples]
-        self.eval_examples = eval_examples[:cfg.data.eval_size] if cfg.data.eval_size else eval_examples
+        self.eval_examples = eval_examples[: cfg.data.eval_size] if cfg.data.eval_size else eval_examples
         self.sampler = PromptSampler(len(train_examples), t.seed, self.state)
         self.exact_sampler = sampler_logprobs_are_exact(self.model, self.device)
         self.n_rows = g.prompts_per_step * g.group_size
@@ -234,17 +276,21 @@ class Run:
             checkpoint.truncate_metrics(self.metrics_path, self.state.step)
             log.info("resumed from %s (step %d)", ckpt, self.state.step)
 
-    def step(self, stop: list[int], after_backward=None) -> dict | None:
+    def step(
+        self, stop: list[int], after_backward: Callable[[torch.nn.Module, int], None] | None = None
+    ) -> dict | None:
         """One rollout batch, in phases; None when a stop was requested before its updates (nothing changed)."""
         cfg, g = self.cfg, self.cfg.gspo
         t0 = time.perf_counter()
         before = (self.state.epoch, self.state.position, _rng_state())
         # 1. rollout: this rank's share of the step's prompts, whole groups
         share = g.prompts_per_step // self.world
-        ids = self.sampler.take(g.prompts_per_step)[self.rank * share:(self.rank + 1) * share]
+        ids = self.sampler.take(g.prompts_per_step)[self.rank * share : (self.rank + 1) * share]
         examples = [self.examples[i] for i in ids for _ in range(g.group_size)]
-        roll = rollout(self.model, self.tok, [self.prompts[i] for i in ids], cfg, self.state.step, self.first_row,
-                       self.n_rows)
+        roll = rollout(
+            self.model, self.tok, [self.prompts[i] for i in ids], cfg, self.state.step, self.first_row, self.n_rows
+        )
+        assert roll.logp is not None and roll.entropy is not None  # sampled, so the decoder reported both
         t1 = time.perf_counter()
         # 2. rewards and group advantages
         reward, per_task = scoring.score(roll.texts, examples, cfg)
@@ -261,12 +307,25 @@ class Run:
         old_logp = roll.logp if self.exact_sampler else update.logprobs(self.model, roll, plan, g.temperature)
         ref_logp = None
         if g.beta > 0:
-            with (self.model.disable_adapter() if self.ref is None else nullcontext()):
+            with cast("PeftModel", self.model).disable_adapter() if self.ref is None else nullcontext():
                 ref_logp = update.logprobs(self.ref or self.model, roll, plan, g.temperature)
         # 4. num_minibatches clipped updates
-        res = update.run_updates(self.model, self.opt, self.sched, self.params, roll, adv, old_logp, ref_logp, plan,
-                                 cfg, self.state.consecutive_skips, self.norm, after_backward,
-                                 self.state.step * g.num_minibatches)
+        res = update.run_updates(
+            self.model,
+            self.opt,
+            self.sched,
+            self.params,
+            roll,
+            adv,
+            old_logp,
+            ref_logp,
+            plan,
+            cfg,
+            self.state.consecutive_skips,
+            self.norm,
+            after_backward,
+            self.state.step * g.num_minibatches,
+        )
         if res.grad_norms:
             self.norm = res.norm
         self.stopped_early = res.stopped
@@ -279,20 +338,42 @@ class Run:
         lens = roll.completion_mask.sum(1).float()
         mask = roll.completion_mask.float()
         trained = float(sum(len(mc) for mb in plan for mc in mb.micro))
-        reward, adv, lens, trunc = (distributed.gather(x, self.device)
-                                    for x in (reward, adv.cpu(), lens, roll.truncated.float()))
+        reward, adv, lens, trunc = (
+            distributed.gather(x, self.device) for x in (reward, adv.cpu(), lens, roll.truncated.float())
+        )
         per_task = distributed.gather_lists(per_task)
-        ent_sum, ent_n, zero_groups, n_tokens, trained = distributed.sum_floats(
-            [float((roll.entropy * mask).sum()), float(mask.sum()), zero_groups,
-             float(roll.prompt_mask.sum() + roll.completion_mask.sum()), trained], self.device)
-        return {"step": self.state.step,
-                **metrics.step_metrics(reward, per_task, adv, zero_groups / g.prompts_per_step, trained / self.n_rows,
-                                       res, ent_sum / max(ent_n, 1.0), lens, trunc),
-                "skipped_updates": self.state.skipped_updates,
-                "tokens_per_s": n_tokens / (t3 - t0), "rollout_tokens_per_s": float(lens.sum()) / (t1 - t0),
-                "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_update_s": t3 - t2}
+        ent_sum, ent_n, zero_groups_all, n_tokens, trained = distributed.sum_floats(
+            [
+                float((roll.entropy * mask).sum()),
+                float(mask.sum()),
+                zero_groups,
+                float(roll.prompt_mask.sum() + roll.completion_mask.sum()),
+                trained,
+            ],
+            self.device,
+        )
+        return {
+            "step": self.state.step,
+            **metrics.step_metrics(
+                reward,
+                per_task,
+                adv,
+                zero_groups_all / g.prompts_per_step,
+                trained / self.n_rows,
+                res,
+                ent_sum / max(ent_n, 1.0),
+                lens,
+                trunc,
+            ),
+            "skipped_updates": self.state.skipped_updates,
+            "tokens_per_s": n_tokens / (t3 - t0),
+            "rollout_tokens_per_s": float(lens.sum()) / (t1 - t0),
+            "time_rollout_s": t1 - t0,
+            "time_reward_s": t2 - t1,
+            "time_update_s": t3 - t2,
+        }
 
-    def finish_step(self, m: dict, on_step, stop: list[int]) -> bool:
+    def finish_step(self, m: dict, on_step: Callable[[dict], None] | None, stop: list[int]) -> bool:
         """Evaluation, the metrics line, the checkpoint; True when training must end here."""
         t, st = self.cfg.train, self.state
         stopped = self.stopped_early
@@ -327,23 +408,39 @@ class Run:
             weights = distributed.full_model_state(self.model)
             opt_state = distributed.full_optimizer_state(self.opt, self.params)
         if self.rank == 0:
-            self.last_checkpoint = checkpoint.save(self.out_dir, self.state.step, self.model, self.tok, self.opt,
-                                                   self.sched, self.state.__dict__, rng or _rng_state(),
-                                                   self.cfg.train.keep_checkpoints, weights, opt_state)
+            self.last_checkpoint = checkpoint.save(
+                self.out_dir,
+                self.state.step,
+                self.model,
+                self.tok,
+                self.opt,
+                self.sched,
+                self.state.__dict__,
+                rng or _rng_state(),
+                self.cfg.train.keep_checkpoints,
+                weights,
+                opt_state,
+            )
         distributed.barrier()
 
 
-def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eval_examples: list[Example],
-          out_dir: str | Path, on_step: Callable[[dict], None] | None = None,
-          after_backward: Callable[[torch.nn.Module, int], None] | None = None) -> TrainResult:
+def train(
+    cfg: Config,
+    model_dir: str | Path,
+    train_examples: list[Example],
+    eval_examples: list[Example],
+    out_dir: str | Path,
+    on_step: Callable[[dict], None] | None = None,
+    after_backward: Callable[[torch.nn.Module, int], None] | None = None,
+) -> TrainResult:
     """Run (or resume) GSPO training; every step's metrics go to out_dir/metrics.jsonl and to `on_step`.
 
     Under torch.distributed (launched with torchrun) every rank takes a contiguous share of each step's prompts,
     whole groups, and gradients are summed across ranks before each update, so the run follows the same
     trajectory as one process (sampling noise is per completion, not per batch). With train.sharding fsdp the
     ranks also split the weights, gradients and optimizer states (gspo.distributed). Rank 0 writes metrics and
-    checkpoints, in the same files whatever the sharding. `after_backward(model, update_index)` runs after each accumulated backward pass, before the
-    non-finite guard: a place for gradient surgery or fault injection.
+    checkpoints, in the same files whatever the sharding. `after_backward(model, update_index)` runs after each
+    accumulated backward pass, before the non-finite guard: a place for gradient surgery or fault injection.
 
     Raises ValueError when out_dir holds a run of another configuration or another process trains there,
     Stopped after a SIGTERM / SIGINT (with a checkpoint), and update.Diverged when the weights blow up (nothing
@@ -355,7 +452,7 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
     use_threads(cfg.train.threads)
     rank = distributed.rank_and_world()[0]
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (checkpoint.RunLock(out_dir) if rank == 0 else nullcontext()), stop_requests() as stop:
+    with checkpoint.RunLock(out_dir) if rank == 0 else nullcontext(), stop_requests() as stop:
         record = run_record(cfg, Path(model_dir), train_examples)
         if rank == 0:
             check_same_run(out_dir, record)
@@ -373,7 +470,7 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
             except Diverged as e:
                 last = checkpoint.latest_intact(out_dir) if rank == 0 else None
                 raise Diverged(f"{e}; the last good checkpoint is {last or 'none: nothing was saved'}") from None
-            if m is None or run.finish_step(m, on_step, stop) and not run.stopped_early:
+            if m is None or (run.finish_step(m, on_step, stop) and not run.stopped_early):
                 # Another rank may have been signalled first: every rank stops together.
                 raise Stopped(stop[0] if stop else signal.SIGTERM, run.state.step, run.last_checkpoint)
             bar.update(run.state.step, reward=f"{m['reward_mean']:.3f}", clip=f"{m.get('clip_frac') or 0:.3f}")
@@ -383,5 +480,12 @@ def train(cfg: Config, model_dir: str | Path, train_examples: list[Example], eva
         run.save_weights(out_dir / "final", {"step": run.state.step, "stopped_early": run.stopped_early})
         distributed.barrier()
     best = out_dir / "best"
-    return TrainResult(out_dir / "final", best if best.exists() else None, run.metrics_path, run.state.step,
-                       run.state.skipped_updates, run.stopped_early, run.state.best_eval)
+    return TrainResult(
+        out_dir / "final",
+        best if best.exists() else None,
+        run.metrics_path,
+        run.state.step,
+        run.state.skipped_updates,
+        run.stopped_early,
+        run.state.best_eval,
+    )

@@ -12,14 +12,16 @@ The phases after scoring, each a public function the trainer (gspo.trainer) and 
 Rows of a global minibatch may live on several ranks: each rank trains its own and the loss is weighted to
 the global minibatch, so summed gradients equal one process's.
 """
+
 from __future__ import annotations
 
 import itertools
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +30,9 @@ from gspo.config import Config
 from gspo.errors import Diverged
 from gspo.loss import policy_loss
 from gspo.rollout import Rollout, token_logprobs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -68,8 +73,8 @@ def make_plan(roll: Rollout, adv: torch.Tensor, cfg: Config, step: int, first: i
         micro = micro_batches(mine[keep], lens, roll.prompt_ids.shape[1], cfg.optim.micro_batch_tokens)
         out.append(Minibatch(len(mb), micro, mine[~keep], int(lens[mine[~keep]].sum())))
     if cfg.train.sharding == "fsdp":
-        for mb, most in zip(out, distributed.max_ints([len(mb.micro) for mb in out], adv.device)):
-            mb.idle = most - len(mb.micro)
+        for minibatch, most in zip(out, distributed.max_ints([len(m.micro) for m in out], adv.device)):
+            minibatch.idle = most - len(minibatch.micro)
     return out
 
 
@@ -84,7 +89,7 @@ def micro_batches(idx: torch.Tensor, lens: torch.Tensor, prompt_width: int, budg
     out, i = [], 0
     while i < len(order):
         n = max(1, budget // (prompt_width + max(1, int(lens[order[i]]))))
-        out.append(order[i:i + n])
+        out.append(order[i : i + n])
         i += n
     return out
 
@@ -92,6 +97,7 @@ def micro_batches(idx: torch.Tensor, lens: torch.Tensor, prompt_width: int, budg
 @dataclass
 class Pass:
     """One forward/backward: rows on the rollout's device, and the columns any of them uses."""
+
     rows: torch.Tensor
     prompt_from: int  # first prompt column holding a token of one of the rows (prompts are left-padded)
     width: int  # completion columns up to the longest row's last token (at least 1)
@@ -109,29 +115,34 @@ def passes(roll: Rollout, plan: list[Minibatch]) -> list[list[Pass]]:
     sizes = [len(m) for m in idx]
     on_device, host = flat.to(roll.completion_ids.device).split(sizes), flat.tolist()
     bounds = list(itertools.accumulate(sizes, initial=0))
-    made = [Pass(on_device[k], min(P - max(plens[r] for r in rows), P - 1), max(1, max(clens[r] for r in rows)),
-                 idle[k])
-            for k, rows in enumerate(host[a:b] for a, b in zip(bounds, bounds[1:]))]
+    made = [
+        Pass(on_device[k], min(P - max(plens[r] for r in rows), P - 1), max(1, max(clens[r] for r in rows)), idle[k])
+        for k, rows in enumerate(host[a:b] for a, b in itertools.pairwise(bounds))
+    ]
     out, k = [], 0
     for mb in plan:
         n = len(mb.micro) + mb.idle
-        out.append(made[k:k + n])
+        out.append(made[k : k + n])
         k += n
     return out
 
 
-def trimmed(roll: Rollout, p: Pass):
+def trimmed(roll: Rollout, p: Pass) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pass's rows with all-padding prompt and completion columns cut off."""
-    return (roll.prompt_ids[p.rows, p.prompt_from:], roll.prompt_mask[p.rows, p.prompt_from:],
-            roll.completion_ids[p.rows, :p.width], roll.completion_mask[p.rows, :p.width])
+    return (
+        roll.prompt_ids[p.rows, p.prompt_from :],
+        roll.prompt_mask[p.rows, p.prompt_from :],
+        roll.completion_ids[p.rows, : p.width],
+        roll.completion_mask[p.rows, : p.width],
+    )
 
 
-def autocast(device: torch.device):
+def autocast(device: torch.device) -> torch.autocast | nullcontext:
     # bf16 autocast only on CUDA: on CPU it is slow, and CPU weights are fp32 or already bf16.
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def logprobs(model, roll: Rollout, plan: list[Minibatch], temperature: float) -> torch.Tensor:
+def logprobs(model: PreTrainedModel, roll: Rollout, plan: list[Minibatch], temperature: float) -> torch.Tensor:
     """(len(roll), T) log-probs of every planned row under `model`, no gradient, zero on rows not planned.
 
     Computed pass by pass as the update computes them, in training mode (dropout is always off, gspo.models):
@@ -143,7 +154,7 @@ def logprobs(model, roll: Rollout, plan: list[Minibatch], temperature: float) ->
             for p in mb_passes:
                 lp, _ = token_logprobs(model, *trimmed(roll, p), temperature=temperature)
                 if not p.idle:
-                    out[p.rows, :p.width] = lp.float()
+                    out[p.rows, : p.width] = lp.float()
     return out
 
 
@@ -157,12 +168,12 @@ class UpdateResult:
     norm: float = math.nan  # the parameters' norm after the last applied update
 
 
-def params_norm(params: list[torch.Tensor]) -> float:
+def params_norm(params: Sequence[torch.Tensor]) -> float:
     """Total L2 norm of the parameters: one fused pass, one host read."""
     return float(distributed.total_norm([p.detach() for p in params]))
 
 
-def _zero_grad(opt, params: list[torch.nn.Parameter]) -> None:
+def _zero_grad(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
     opt.zero_grad(set_to_none=True)
     for q in params:  # sharded, the optimizer holds views of the parameters, not the parameters themselves
         q.grad = None
@@ -173,11 +184,22 @@ def _check_norm(update: int, before: float, after: float) -> None:
         raise Diverged(f"update {update} took the weights' norm from {before:.4g} to {after:.4g}; lower optim.lr")
 
 
-def run_updates(model, opt, sched, params: list[torch.nn.Parameter], roll: Rollout, adv: torch.Tensor,
-                old_logp: torch.Tensor, ref_logp: torch.Tensor | None, plan: list[Minibatch], cfg: Config,
-                consecutive_skips: int = 0, norm_before: float | None = None,
-                after_backward: Callable[[torch.nn.Module, int], None] | None = None,
-                first_update: int = 0) -> UpdateResult:
+def run_updates(
+    model: PreTrainedModel,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    params: list[torch.nn.Parameter],
+    roll: Rollout,
+    adv: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    plan: list[Minibatch],
+    cfg: Config,
+    consecutive_skips: int = 0,
+    norm_before: float | None = None,
+    after_backward: Callable[[torch.nn.Module, int], None] | None = None,
+    first_update: int = 0,
+) -> UpdateResult:
     """The step's num_minibatches updates. A non-finite loss or gradient on any rank skips that update on all;
     after cfg.train.max_consecutive_skips in a row (counting `consecutive_skips` before this step) it stops.
     After each applied update the parameters' norm is checked: non-finite, or more than doubled by one update,
@@ -200,9 +222,17 @@ def run_updates(model, opt, sched, params: list[torch.nn.Parameter], roll: Rollo
             rows, T = p.rows, p.width
             with autocast(device):
                 logp, _ = token_logprobs(model, *trimmed(roll, p), temperature=g.temperature)
-            out = policy_loss(logp, old_logp[rows, :T], adv[rows], mask[rows, :T], level=g.importance_sampling_level,
-                              eps_low=eps_low, eps_high=eps_high,
-                              ref_logp=None if ref_logp is None else ref_logp[rows, :T], beta=g.beta)
+            out = policy_loss(
+                logp,
+                old_logp[rows, :T],
+                adv[rows],
+                mask[rows, :T],
+                level=g.importance_sampling_level,
+                eps_low=eps_low,
+                eps_high=eps_high,
+                ref_logp=None if ref_logp is None else ref_logp[rows, :T],
+                beta=g.beta,
+            )
             if p.idle:
                 (out.loss * 0).backward()
                 continue
@@ -211,8 +241,10 @@ def run_updates(model, opt, sched, params: list[torch.nn.Parameter], roll: Rollo
             (out.loss * (len(rows) / mb.size)).backward()
             res.stats = metrics.add(res.stats, out.stats)
         if len(mb.skipped):
-            res.stats = metrics.add(res.stats, metrics.skipped_rows(len(mb.skipped), mb.skipped_tokens,
-                                                                     g.importance_sampling_level == "token", mask))
+            res.stats = metrics.add(
+                res.stats,
+                metrics.skipped_rows(len(mb.skipped), mb.skipped_tokens, g.importance_sampling_level == "token", mask),
+            )
         if after_backward is not None:
             after_backward(model, first_update + i)
         for q in params:
@@ -222,13 +254,13 @@ def run_updates(model, opt, sched, params: list[torch.nn.Parameter], roll: Rollo
                 q.grad = torch.zeros_like(q)
         finite = distributed.all_min(finite)
         distributed.sum_gradients(params)
-        total = distributed.total_norm([q.grad for q in params])
+        total = distributed.total_norm(distributed.grads(params))
         read = torch.stack([finite.double(), total.double()] + ([pending[1].double()] if pending else [])).tolist()
         if pending:
             _check_norm(pending[0], norm, read[2])
             norm, pending = read[2], None
         ok = read[0] > 0 and math.isfinite(read[1])
-        res.lrs.append(sched.get_last_lr()[0])
+        res.lrs.append(float(sched.get_last_lr()[0]))
         if ok:
             if o.grad_clip > 0:
                 distributed.clip_gradients(params, o.grad_clip, total)

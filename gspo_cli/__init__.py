@@ -5,6 +5,7 @@ train runs the library alone; run, evaluate and promote run the Prefect flows (o
 PREFECT_API_URL names one), retry reruns a failed flow run, worker serves the deployments; score-math,
 eval-code and config are file tools.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from uuid import UUID
 
 from gspo.errors import Diverged
 from gspo.errors import Stopped as TrainingStopped
@@ -65,8 +67,14 @@ class Stopped(KeyboardInterrupt):
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (defaults when omitted)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override one config field; repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field; repeatable",
+    )
 
 
 def cmd_train(args) -> int:
@@ -92,9 +100,11 @@ def cmd_train(args) -> int:
             # Checked before anything is written: a run of another configuration is never resumed or overwritten.
             diff = differences(resume_sections(load_config(out / "config.yaml")), resume_sections(cfg))
             if diff:
-                raise ValueError(f"{out} holds a run of another configuration ({'; '.join(diff[:6])}"
-                                 f"{'; ...' if len(diff) > 6 else ''}); train into a new directory, or add --fresh "
-                                 f"to train in a subdirectory of it named by this configuration")
+                raise ValueError(
+                    f"{out} holds a run of another configuration ({'; '.join(diff[:6])}"
+                    f"{'; ...' if len(diff) > 6 else ''}); train into a new directory, or add --fresh "
+                    f"to train in a subdirectory of it named by this configuration"
+                )
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         model_dir = resolve_model(cfg.model, out / "base")
@@ -105,10 +115,20 @@ def cmd_train(args) -> int:
     res = train(cfg, model_dir, splits.train, splits.held_out, out / "train")
     if rank:
         return 0
-    print(json.dumps({"final": str(res.final_dir), "best": str(res.best_dir) if res.best_dir else None,
-                      "metrics": str(res.metrics_path), "steps": res.steps, "best_eval": res.best_eval,
-                      "skipped_updates": res.skipped_updates, "stopped_early": res.stopped_early,
-                      "world_size": world}))
+    print(
+        json.dumps(
+            {
+                "final": str(res.final_dir),
+                "best": str(res.best_dir) if res.best_dir else None,
+                "metrics": str(res.metrics_path),
+                "steps": res.steps,
+                "best_eval": res.best_eval,
+                "skipped_updates": res.skipped_updates,
+                "stopped_early": res.stopped_early,
+                "world_size": world,
+            }
+        )
+    )
     return 0
 
 
@@ -173,10 +193,12 @@ def _flow_run(flow, params: dict | None, flow_run_id: str | None):
         if flow_run_id is None:
             return flow, c.create_flow_run(flow, parameters=params)
         try:
-            run = c.read_flow_run(flow_run_id)
+            run = c.read_flow_run(UUID(flow_run_id))
         except (ObjectNotFound, ValueError):
-            raise ValueError(f"no flow run {flow_run_id} in the Prefect database at {os.environ['PREFECT_HOME']} "
-                             "(run gspo retry from the directory the flow run started in)") from None
+            raise ValueError(
+                f"no flow run {flow_run_id} in the Prefect database at {os.environ['PREFECT_HOME']} "
+                "(run gspo retry from the directory the flow run started in)"
+            ) from None
         by_name = {f.name: f for f in (train_eval, evaluate_model, promote)}
         name = c.read_flow(run.flow_id).name
         if name not in by_name:
@@ -258,16 +280,36 @@ class _OneLine(logging.Formatter):
             record.exc_info, record.exc_text, record.stack_info = saved
 
 
+# The project's loggers: the library's modules log under gspo.* and rewards.*, the pipeline's under tasks.* and flows.*
+PROJECT_LOGGERS = ("gspo", "rewards", "tasks", "flows", "gspo_cli")
+# Commands that run flows: Prefect's console handler prints for them, and they write a log file (_log_to).
+FLOW_COMMANDS = ("run", "evaluate", "promote", "retry", "worker")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _configure_logging(verbose: int, console: bool) -> None:
+    """Quiet by default: warnings and errors only. -v adds the project's INFO records (what was loaded, scored and
+    resumed; periodic progress lines when stderr is not a terminal), -vv its DEBUG records; other libraries stay
+    at WARNING. `console`: records go to stderr through a handler of our own (the flow commands have Prefect's)."""
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    if console:
+        logging.basicConfig(format=LOG_FORMAT)
+
+
 def _log_to(path: Path) -> None:
-    """Every record with its traceback to `path`; the console keeps one line per record."""
+    """Every record from INFO up (DEBUG with -vv) with its traceback to `path`; the console keeps one line per
+    record."""
     root = logging.getLogger()
     for h in root.handlers:
         h.setFormatter(_OneLine(h.formatter or logging.Formatter()))
     f = logging.FileHandler(path)
-    f.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    f.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(f)
-    for name in ("prefect", "tasks", "flows"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    for name in ("prefect", *PROJECT_LOGGERS):
+        logger = logging.getLogger(name)
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "creating initial MLflow database tables" and such
 
 
@@ -275,6 +317,7 @@ def _log_to(path: Path) -> None:
 def _stop_on_signals():
     """SIGTERM and SIGINT raise Stopped in the flow, which closes its flow run and MLflow run as it unwinds;
     a second signal exits at once."""
+
     def handler(signum, frame):
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda *_: os._exit(128 + signum))
@@ -302,6 +345,7 @@ def _run_flow(args, flow=None, params: dict | None = None, flow_run_id: str | No
     from prefect.flow_engine import run_flow
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import State
 
     from gspo_cli.processes import temporary_server
 
@@ -310,8 +354,10 @@ def _run_flow(args, flow=None, params: dict | None = None, flow_run_id: str | No
     api = os.environ.get("PREFECT_API_URL")
     run = None
     try:
-        with (contextlib.nullcontext(api) if api else temporary_server(log)) as url, \
-                temporary_settings({PREFECT_API_URL: url}):
+        with (
+            contextlib.nullcontext(api) if api else temporary_server(log) as url,
+            temporary_settings({PREFECT_API_URL: url}),
+        ):
             _log_to(log)
             try:
                 flow, run = _flow_run(flow, params, flow_run_id)
@@ -330,16 +376,26 @@ def _run_flow(args, flow=None, params: dict | None = None, flow_run_id: str | No
         else:
             sig = signal.Signals[str(e)]
         retry = _retry_command(run.id) if run else "the same command"
-        kept = f"training's checkpoint {e.checkpoint_dir} and finished stages are kept" \
-            if isinstance(e, TrainingStopped) else "finished stages are kept"
-        print(f"gspo {args.cmd}: stopped by {sig.name}; the flow run is closed as crashed and its MLflow run as "
-              f"failed, {kept}; retry with: {retry}", file=sys.stderr)
+        kept = (
+            f"training's checkpoint {e.checkpoint_dir} and finished stages are kept"
+            if isinstance(e, TrainingStopped)
+            else "finished stages are kept"
+        )
+        print(
+            f"gspo {args.cmd}: stopped by {sig.name}; the flow run is closed as crashed and its MLflow run as "
+            f"failed, {kept}; retry with: {retry}",
+            file=sys.stderr,
+        )
         return 128 + sig.value
+    assert isinstance(state, State)  # return_type="state"
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         msg = result.args[0] if isinstance(result, KeyError) and result.args else result
-        print(f"gspo {args.cmd}: error: {msg} (flow run {run.id} failed; fix the cause, then retry with: "
-              f"{_retry_command(run.id)})", file=sys.stderr)
+        print(
+            f"gspo {args.cmd}: error: {msg} (flow run {run.id} failed; fix the cause, then retry with: "
+            f"{_retry_command(run.id)})",
+            file=sys.stderr,
+        )
         return 1
     print(json.dumps(result))
     return 0
@@ -347,21 +403,36 @@ def _run_flow(args, flow=None, params: dict | None = None, flow_run_id: str | No
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gspo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbose_help = "log more on stderr: -v the project's INFO records, -vv its DEBUG records (default: warnings)"
+    ap.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def command(name: str, fn, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=fn.__doc__, epilog=EXAMPLES[name],
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=fn.__doc__,
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(fn=fn)
+        # Also after the command (`gspo train -v`); SUPPRESS keeps a -v given before it.
+        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=verbose_help)
         return p
 
     p = command("train", cmd_train, "warm start + GSPO training, no orchestration")
     _add_config_args(p)
-    p.add_argument("--output", default="runs/train",
-                   help="output directory; rerunning the same configuration into it resumes from its last checkpoint, "
-                        "another configuration is refused")
-    p.add_argument("--fresh", action="store_true",
-                   help="train in OUTPUT/run-<hash of the configuration> instead, leaving what OUTPUT holds alone")
+    p.add_argument(
+        "--output",
+        default="runs/train",
+        help="output directory; rerunning the same configuration into it resumes from its last checkpoint, "
+        "another configuration is refused",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="train in OUTPUT/run-<hash of the configuration> instead, leaving what OUTPUT holds alone",
+    )
     p = command("run", cmd_run, "the whole train-and-evaluate Prefect flow; last line is a JSON summary")
     _add_config_args(p)
     p = command("evaluate", cmd_evaluate, "score a registered model version on the config's eval tasks")
@@ -391,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose, console=args.cmd not in FLOW_COMMANDS)
     # An optional 4-bit kernel package that 8-bit AdamW never uses; bitsandbytes warns about it on every import.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:

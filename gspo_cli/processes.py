@@ -7,13 +7,13 @@ with PR_SET_PDEATHSIG, so the kernel kills it when its parent dies however that 
 its own, so a Ctrl-C in the terminal reaches only the command (which then closes its flow run on a live
 server), with its output in the command's log file instead of the terminal.
 """
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ctypes
 import fcntl
-import importlib.util
 import os
 import signal
 import socket
@@ -21,8 +21,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork: the child only calls it
@@ -33,6 +33,7 @@ def _die_with(parent: int):
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
+
     return preexec
 
 
@@ -57,21 +58,45 @@ def temporary_server(log: Path, timeout: float = 180) -> Iterator[str]:
     prefect.db, and two at once would race on it."""
     home = Path(os.environ["PREFECT_HOME"])
     home.mkdir(parents=True, exist_ok=True)
-    app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
+    import prefect
+
+    app_dir = Path(prefect.__file__).parent.parent
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    proc = None
     with open(home / ".server-start.lock", "a") as lock, open(log, "ab") as out:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for _ in range(3):  # another process may take the free port before the server binds it
             port = _free_port()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
-                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-                 "--log-level", "error", "--lifespan", "on"],
-                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_die_with(os.getpid()))
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--app-dir",
+                    str(app_dir),
+                    "--factory",
+                    "prefect.server.api.server:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "error",
+                    "--lifespan",
+                    "on",
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with(os.getpid()),
+            )
             deadline = time.monotonic() + timeout
-            while proc.poll() is None and time.monotonic() < deadline and not _healthy(f"http://127.0.0.1:{port}/api/health"):
+            while (
+                proc.poll() is None
+                and time.monotonic() < deadline
+                and not _healthy(f"http://127.0.0.1:{port}/api/health")
+            ):
                 time.sleep(0.2)
             if proc.poll() is None:
                 break

@@ -4,14 +4,17 @@ An example is anything with `.reference` (the gold answer / test program / label
 `gspo.data.Example` is the usual one. Rewards never raise into the caller: `score` turns an exception
 into a zero with the reason recorded, so one bad completion cannot stop training or evaluation.
 """
+
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import pkgutil
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 
 @dataclass
@@ -30,7 +33,21 @@ def register(name: str) -> Callable[[RewardFn], RewardFn]:
     def deco(fn: RewardFn) -> RewardFn:
         _REGISTRY[name] = fn
         return fn
+
     return deco
+
+
+@contextlib.contextmanager
+def registered(name: str, fn: RewardFn) -> Iterator[RewardFn]:
+    """`fn` registered as `name` for the block only (a test's reward, one tried out in a notebook); a name
+    already taken is refused rather than shadowed."""
+    if name in _REGISTRY:
+        raise ValueError(f"reward {name!r} is already registered")
+    _REGISTRY[name] = fn
+    try:
+        yield fn
+    finally:
+        del _REGISTRY[name]
 
 
 def _import_all() -> None:
@@ -65,7 +82,7 @@ def _checked(name: str, options: dict) -> RewardFn:
     return fn
 
 
-def score(name: str, completion: str, example: Any, **options) -> RewardResult:
+def score(name: str, completion: str, example: Any, **options: Any) -> RewardResult:
     """The reward's verdict; `options` go to the reward (humaneval: `timeout`, seconds per program)."""
     fn = _checked(name, options)
     try:
@@ -75,8 +92,9 @@ def score(name: str, completion: str, example: Any, **options) -> RewardResult:
     return result
 
 
-def score_batch(name: str, completions: Sequence[str], examples: Sequence[Any], workers: int = 1,
-                **options) -> list[RewardResult]:
+def score_batch(
+    name: str, completions: Sequence[str], examples: Sequence[Any], workers: int = 1, **options: Any
+) -> list[RewardResult]:
     """Score completions[i] against examples[i]; `workers` > 1 runs them in threads (sandboxed code rewards
     spend their time waiting on child processes, so threads overlap them); `options` as for `score`."""
     if len(completions) != len(examples):

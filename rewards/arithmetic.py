@@ -2,9 +2,11 @@
 
 Exact match (not "some number somewhere") is the task's definition: the policy must also learn to stop.
 """
+
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from rewards import RewardResult, register
 
@@ -12,7 +14,7 @@ _ANSWER = re.compile(r"\s*(-?\d{1,12})\.?\s*")
 
 
 @register("arithmetic")
-def arithmetic_reward(completion: str, example) -> RewardResult:
+def arithmetic_reward(completion: str, example: Any) -> RewardResult:
     m = _ANSWER.fullmatch(completion[:64]) if len(completion) <= 64 else None
     if not m:
         return RewardResult(0.0, "no_answer", None, "completion is not a bare integer")

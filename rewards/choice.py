@@ -5,18 +5,24 @@ preprocessed context; acc takes the ending with the highest summed log-likelihoo
 the ending's length in characters first. Examples carry `meta["context"]`, `meta["endings"]` and the gold
 index as `reference` (see `gspo.data.load_hellaswag`).
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rewards import RewardResult, register
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 LETTERS = "ABCD"
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of context and continuation, split the way the harness splits them: trailing spaces move
     to the continuation, and the continuation is whatever the joint text has beyond the context's tokens."""
     n_spaces = len(context) - len(context.rstrip())
@@ -24,11 +30,16 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 @torch.inference_mode()
-def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 8, device=None) -> list[float]:
+def loglikelihoods(
+    model: PreTrainedModel,
+    requests: list[tuple[list[int], list[int]]],
+    batch_size: int = 8,
+    device: torch.device | None = None,
+) -> list[float]:
     """Summed log-probability of each continuation given its context, right-padded batches, one forward each."""
     device = device or next(model.parameters()).device
     max_len = getattr(model.config, "max_position_embeddings", None)
@@ -36,36 +47,43 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
     order = sorted(range(len(requests)), key=lambda k: -(len(requests[k][0]) + len(requests[k][1])))
     out = [0.0] * len(requests)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         inputs, conts = [], []
         for k in idx:
             ctx, cont = requests[k]
             full = ctx + cont
             if max_len is not None:
-                full = full[-(max_len + 1):]  # keep the end: the continuation must be scored whole
+                full = full[-(max_len + 1) :]  # keep the end: the continuation must be scored whole
             inputs.append(full[:-1])  # the last token predicts nothing we need
             conts.append(cont)
         width = max(len(x) for x in inputs)
         ids = torch.zeros(len(idx), width, dtype=torch.long)
         mask = torch.zeros(len(idx), width, dtype=torch.long)
         for row, x in enumerate(inputs):
-            ids[row, :len(x)] = torch.tensor(x)
-            mask[row, :len(x)] = 1
+            ids[row, : len(x)] = torch.tensor(x)
+            mask[row, : len(x)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
         dtype = torch.promote_types(logits.dtype, torch.float32)  # half-precision logits are summed in float32
         for row, k in enumerate(idx):
             n_in, cont = len(inputs[row]), conts[row]
-            logp = logits[row, n_in - len(cont):n_in].to(dtype).log_softmax(-1)  # (len(cont), V)
+            logp = logits[row, n_in - len(cont) : n_in].to(dtype).log_softmax(-1)  # (len(cont), V)
             target = torch.tensor(cont, device=logp.device)[:, None]
             out[k] = logp.gather(-1, target).sum().item()
     return out
 
 
-def score_choices(model, tokenizer, examples, batch_size: int = 8, device=None) -> dict:
+def score_choices(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Any],
+    batch_size: int = 8,
+    device: torch.device | None = None,
+) -> dict:
     """acc and acc_norm over `examples`, plus one prediction record per example."""
     if not examples:
         raise ValueError("no examples to score")
-    requests, spans = [], []
+    requests: list[tuple[list[int], list[int]]] = []
+    spans = []
     for e in examples:
         endings = e.meta["endings"]
         if not all(endings):
@@ -80,7 +98,7 @@ def score_choices(model, tokenizer, examples, batch_size: int = 8, device=None) 
         model.train(was_training)
     predictions, hits, hits_norm = [], 0, 0
     for e, (first, n) in zip(examples, spans):
-        ll = lls[first:first + n]
+        ll = lls[first : first + n]
         pred, pred_norm = predict(ll, e.meta["endings"])
         gold = int(e.reference)
         hits += pred == gold
@@ -104,7 +122,7 @@ def _normalise(text: str) -> str:
 def extract_choice(completion: str, endings: list[str] | None = None) -> tuple[int | None, str]:
     """(index, how) of the chosen option: an exact ending text, an "Answer: X" phrase, a leading letter
     ("B", "(B)", "B."), or a lone bracketed letter; (None, "") when nothing clear is there."""
-    letters = LETTERS[:len(endings)] if endings else LETTERS
+    letters = LETTERS[: len(endings)] if endings else LETTERS
     first_line = next((line for line in completion.splitlines() if line.strip()), "")
     if endings:
         texts = [_normalise(e) for e in endings]
@@ -125,7 +143,7 @@ def extract_choice(completion: str, endings: list[str] | None = None) -> tuple[i
 
 @register("choice")
 @register("hellaswag")
-def choice_reward(completion: str, example) -> RewardResult:
+def choice_reward(completion: str, example: Any) -> RewardResult:
     endings = example.meta.get("endings")
     gold = int(example.reference)
     index, how = extract_choice(completion, endings)

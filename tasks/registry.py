@@ -4,6 +4,7 @@ Both state facts about the registry, which can change under the pipeline (anothe
 store is lost or replaced by an empty one), so neither is served from Prefect's cache: every run asks the
 registry and acts idempotently (a checkpoint already registered keeps its version, found by its hash).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -27,8 +28,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 def code_version() -> str:
     """The project's git commit (with -dirty for uncommitted changes), else the installed package version."""
     try:
-        sha = subprocess.run(["git", "-C", str(PROJECT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(PROJECT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(PROJECT), "diff", "--quiet", "HEAD", "--"], timeout=10).returncode
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -48,8 +50,9 @@ def settings_hash(reads: dict) -> str:
 
 
 @task(name="register-checkpoint", cache_policy=NO_CACHE, persist_result=False)
-def register_checkpoint(tracking_uri: str, wait: float, name: str, checkpoint: dict, lineage: dict, run_id: str,
-                        root: str) -> dict:
+def register_checkpoint(
+    tracking_uri: str, wait: float, name: str, checkpoint: dict, lineage: dict, run_id: str, root: str
+) -> dict:
     """{"name", "version", "source"}: `checkpoint` ({"dir", "hash"}) logged as the MLflow run's `checkpoint`
     artifacts and registered as a version of `name`, tagged with its lineage and aliased `candidate`.
     The same checkpoint registered again (its hash in the `checkpoint_hash` tag) keeps its one version."""
@@ -68,15 +71,25 @@ def register_checkpoint(tracking_uri: str, wait: float, name: str, checkpoint: d
             v = min(found, key=lambda mv: int(mv.version))
         else:
             c.log_artifacts(run_id, checkpoint["dir"], "checkpoint")
-            tags = {**{k: str(x) for k, x in lineage.items()}, "checkpoint_hash": checkpoint["hash"],
-                    "prefect_flow_run_id": str(runtime.flow_run.id)}
+            tags = {
+                **{k: str(x) for k, x in lineage.items()},
+                "checkpoint_hash": checkpoint["hash"],
+                "prefect_flow_run_id": str(runtime.flow_run.id),
+            }
             v = c.create_model_version(name, f"runs:/{run_id}/checkpoint", run_id=run_id, tags=tags)
         c.set_registered_model_alias(name, "candidate", v.version)
     return {"name": name, "version": str(v.version), "source": v.source}
 
 
-def decide(version: str, score: float, champion: str | None, champion_score: float | None, metric: str,
-           min_delta: float, same_settings: bool) -> tuple[bool, str]:
+def decide(
+    version: str,
+    score: float,
+    champion: str | None,
+    champion_score: float | None,
+    metric: str,
+    min_delta: float,
+    same_settings: bool,
+) -> tuple[bool, str]:
     """The promotion rule: (promote, reason). The candidate `version` replaces the champion when its score on
     `metric` beats the champion's by more than `min_delta`."""
     if champion is None:
@@ -87,16 +100,27 @@ def decide(version: str, score: float, champion: str | None, champion_score: flo
         return True, f"champion version {champion} has no {metric} score"
     delta = score - champion_score
     promoted = delta > min_delta
-    reason = (f"{metric} {score:.4f} vs champion version {champion} {champion_score:.4f}: delta {delta:+.4f} "
-              f"{'>' if promoted else '<='} gate_min_delta {min_delta}")
+    reason = (
+        f"{metric} {score:.4f} vs champion version {champion} {champion_score:.4f}: delta {delta:+.4f} "
+        f"{'>' if promoted else '<='} gate_min_delta {min_delta}"
+    )
     if not same_settings:
         reason += " (the two were scored with different eval settings)"
     return promoted, reason
 
 
 @task(name="promotion-gate", cache_policy=NO_CACHE, persist_result=False)
-def promotion_gate(tracking_uri: str, wait: float, name: str, version: str, scores: dict | None, metric: str,
-                   min_delta: float, settings: dict[str, str] | None, root: str) -> dict:
+def promotion_gate(
+    tracking_uri: str,
+    wait: float,
+    name: str,
+    version: str,
+    scores: dict | None,
+    metric: str,
+    min_delta: float,
+    settings: dict[str, str] | None,
+    root: str,
+) -> dict:
     """Applies `decide` to `version` and the registry's champion as they are now, moves alias `champion` when
     it says so, and records the decision and its reason as the version's `promotion` tag (a version that is
     already the champion keeps the tag that says why it became one).
@@ -126,9 +150,20 @@ def promotion_gate(tracking_uri: str, wait: float, name: str, version: str, scor
             c.set_registered_model_alias(name, "champion", version)
             champion = version
         if promoted or champion != version:
-            c.set_model_version_tag(name, version, "promotion", ("promoted: " if promoted else "not promoted: ") + reason)
-    return {"promoted": promoted, "reason": reason, "champion": champion, "candidate": aliases(c, name).get("candidate"),
-            "metric": metric, "score": score, "champion_score": champ_score}
+            c.set_model_version_tag(
+                name, version, "promotion", ("promoted: " if promoted else "not promoted: ") + reason
+            )
+    return {
+        "promoted": promoted,
+        "reason": reason,
+        "champion": champion,
+        "candidate": aliases(c, name).get("candidate"),
+        "metric": metric,
+        "score": score,
+        "champion_score": champ_score,
+    }
+
+
 def resolve_version(c: Client, name: str, version_or_alias: str) -> str:
     """A version number from "3" or an alias such as "champion"."""
     if version_or_alias.isdigit():
@@ -138,22 +173,33 @@ def resolve_version(c: Client, name: str, version_or_alias: str) -> str:
         raise ValueError(f"registered model {name!r} has no alias {version_or_alias!r} (aliases: {found or 'none'})")
     return found[version_or_alias]
 
-@task(name="fetch-version", cache_policy=cached("registry", CACHE - "wait"), persist_result=True,
-      result_serializer="json")
+
+@task(
+    name="fetch-version", cache_policy=cached("registry", CACHE - "wait"), persist_result=True, result_serializer="json"
+)
 def fetch_version(tracking_uri: str, wait: float, name: str, version: str, checkpoint_hash: str, root: str) -> dict:
     """{"dir", "hash"}: a registered version's files downloaded into the artifact root (once per version)."""
+
     def make(work: Path) -> dict:
         source = client(tracking_uri, wait).get_model_version(name, version).source
         dest = work / "model"
         dest.mkdir()
-        patiently(tracking_uri, wait, mlflow.artifacts.download_artifacts, artifact_uri=source, dst_path=str(dest),
-                  tracking_uri=tracking_uri)
-        found = [p for p in dest.rglob("config.json")]
+        patiently(
+            tracking_uri,
+            wait,
+            mlflow.artifacts.download_artifacts,
+            artifact_uri=source,
+            dst_path=str(dest),
+            tracking_uri=tracking_uri,
+        )
+        found = list(dest.rglob("config.json"))
         model_dir = found[0].parent if found else dest
         h = dir_hash(model_dir)
         if checkpoint_hash and h != checkpoint_hash:
-            raise ValueError(f"{name} version {version}: downloaded files hash to {h[:16]}, "
-                             f"its checkpoint_hash tag says {checkpoint_hash[:16]}")
+            raise ValueError(
+                f"{name} version {version}: downloaded files hash to {h[:16]}, "
+                f"its checkpoint_hash tag says {checkpoint_hash[:16]}"
+            )
         return {"dir": str(model_dir), "hash": h}
 
     return build(output_dir(root, "registry"), make)

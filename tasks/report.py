@@ -1,4 +1,5 @@
 """Stage 8, the report: Markdown with PNG plots beside it, and one self-contained HTML page (plots inlined)."""
+
 from __future__ import annotations
 
 import base64
@@ -33,8 +34,11 @@ def _points(rows: list[dict], key: str) -> list[tuple[int, float]]:
 def curves_figure(runs: dict[str, list[dict]], path: Path) -> None:
     """One panel per signal, every run overlaid on the same axes (a colour per run, a line style per series).
     Panels with nothing measured (KL when gspo.beta is 0) are left out."""
-    panels = [(title, series, log) for title, series, log in SIGNALS
-              if any(_points(rows, key) for rows in runs.values() for key, _ in series)]
+    panels = [
+        (title, series, log)
+        for title, series, log in SIGNALS
+        if any(_points(rows, key) for rows in runs.values() for key, _ in series)
+    ]
     cols = min(3, len(panels))
     fig = Figure(figsize=(5 * cols, 3.6 * math.ceil(len(panels) / cols)), layout="constrained")
     axes = fig.subplots(math.ceil(len(panels) / cols), cols, squeeze=False).ravel()
@@ -43,15 +47,20 @@ def curves_figure(runs: dict[str, list[dict]], path: Path) -> None:
             for (key, label), style in zip(series, STYLES):
                 pts = _points(rows, key)
                 if pts:
-                    ax.plot(*zip(*pts), style, color=f"C{i}", marker="." if len(pts) < 30 else None,
-                            label=f"{name} {label}" if len(runs) > 1 or len(series) > 1 else None)
+                    ax.plot(
+                        *zip(*pts),
+                        style,
+                        color=f"C{i}",
+                        marker="." if len(pts) < 30 else None,
+                        label=f"{name} {label}" if len(runs) > 1 or len(series) > 1 else None,
+                    )
         if log:
             ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     fig.savefig(path, dpi=80)
 
@@ -63,8 +72,13 @@ def scores_figure(results: dict, names: dict[str, str], path: Path) -> None:
     width = 0.8 / len(names)
     for i, (label, name) in enumerate(names.items()):
         vals = [results[t][label]["score"] for t in results]
-        bars = ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(results))], vals, width, label=name,
-                      color="0.6" if label == "base" else f"C{i - ('base' in names)}")
+        bars = ax.bar(
+            [j + (i - (len(names) - 1) / 2) * width for j in range(len(results))],
+            vals,
+            width,
+            label=name,
+            color="0.6" if label == "base" else f"C{i - ('base' in names)}",
+        )
         ax.bar_label(bars, [f"{v:.3f}" for v in vals], fontsize="small")
     ax.set_xticks(range(len(results)), list(results))
     ax.set_ylabel("score")
@@ -75,20 +89,26 @@ def scores_figure(results: dict, names: dict[str, str], path: Path) -> None:
 
 def score_rows(results: dict, names: dict[str, str]) -> list[list[str]]:
     """task | metric | one column per model | trained - base, for the score and every other numeric metric."""
-    out = []
+    out: list[list[str]] = []
     for t, m in results.items():
-        keys = ["score"] + [k for k, v in m["trained"].items()
-                            if k not in ("score", "n") and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        for k in keys:
-            out.append([t, k, *(f"{m[label][k]:.4f}" for label in names),
-                        f"{m['trained'][k] - m['base'][k]:+.4f}"])
+        keys = ["score"] + [
+            k
+            for k, v in m["trained"].items()
+            if k not in ("score", "n") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        out.extend(
+            [t, k, *(f"{m[label][k]:.4f}" for label in names), f"{m['trained'][k] - m['base'][k]:+.4f}"] for k in keys
+        )
     return out
 
 
 def meanings(results: dict, names: dict[str, str]) -> list[str]:
     """One sentence per task: what its score measures, and each model's score."""
-    return [f"{t}, {TASKS[t].meaning.format(n=m['trained']['n'])}: "
-            + ", ".join(f"{name} {m[label]['score']:.3f}" for label, name in names.items()) for t, m in results.items()]
+    return [
+        f"{t}, {TASKS[t].meaning.format(n=m['trained']['n'])}: "
+        + ", ".join(f"{name} {m[label]['score']:.3f}" for label, name in names.items())
+        for t, m in results.items()
+    ]
 
 
 def render(blocks: list[tuple], images: dict[str, str] | None) -> tuple[str, str]:
@@ -107,51 +127,92 @@ def render(blocks: list[tuple], images: dict[str, str] | None) -> tuple[str, str
             page.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in rest[0]) + "</ul>")
         elif kind == "table":
             header, rows = rest
-            md.append("\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                                + ["| " + " | ".join(r) + " |" for r in rows]))
-            page.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-                        + "</table>")
+            md.append(
+                "\n".join(
+                    ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                    + ["| " + " | ".join(r) + " |" for r in rows]
+                )
+            )
+            page.append(
+                "<table><tr>"
+                + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+                + "</table>"
+            )
         elif kind == "img" and images is not None:
             md.append(f"![{rest[0]}]({rest[0]})")
             page.append(f'<img alt="{html.escape(rest[0])}" src="data:image/png;base64,{images[rest[0]]}">')
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}img{max-width:100%}")
-    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>GSPO report</title><style>{style}</style>"
-           f"</head><body><h1>GSPO train-and-evaluate report</h1>{''.join(page)}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}img{max-width:100%}"
+    )
+    doc = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>GSPO report</title><style>{style}</style>"
+        f"</head><body><h1>GSPO train-and-evaluate report</h1>{''.join(page)}</body></html>\n"
+    )
     return "# GSPO train-and-evaluate report\n\n" + "\n\n".join(md) + "\n", doc
 
 
-def blocks(facts: list[str], training: dict[str, dict], results: dict, names: dict[str, str]) -> list[tuple]:
+def blocks(
+    facts: list[str], training: dict[str, dict], results: dict, names: dict[str, str], versions: dict[str, str]
+) -> list[tuple]:
     trained = next(iter(training.values()))
-    out = [("ul", facts), ("h", "Scores on the test sets"), ("ul", meanings(results, names)),
-           ("table", ["task", "metric", *names.values(), "trained - base"], score_rows(results, names)),
-           ("img", "scores.png"),
-           ("h", "Training" if len(training) == 1 else f"Training: {' vs '.join(training)}, same data and reference"),
-           ("ul", [f"steps: {trained['steps']}", f"registered checkpoint: {trained['selected']}",
-                   f"best held-out reward: {trained['best_eval']}", f"skipped updates: {trained['skipped_updates']}",
-                   f"stopped early: {trained['stopped_early']}"]),
-           ("img", "training.png")]
+    out = [
+        ("ul", facts),
+        ("h", "Scores on the test sets"),
+        ("ul", meanings(results, names)),
+        ("table", ["task", "metric", *names.values(), "trained - base"], score_rows(results, names)),
+        ("img", "scores.png"),
+        ("h", "Training" if len(training) == 1 else f"Training: {' vs '.join(training)}, same data and reference"),
+        (
+            "ul",
+            [
+                f"steps: {trained['steps']}",
+                f"registered checkpoint: {trained['selected']}",
+                f"best held-out reward: {trained['best_eval']}",
+                f"skipped updates: {trained['skipped_updates']}",
+                f"stopped early: {trained['stopped_early']}",
+            ],
+        ),
+        ("img", "training.png"),
+        ("h", "Versions"),
+        ("p", ", ".join(f"{name} {v}" for name, v in versions.items())),
+    ]
     return out
 
 
 @task(name="report", cache_policy=cached("report", CACHE), persist_result=True, result_serializer="json")
-def build_report(facts: list[str], training: dict[str, dict], results: dict, names: dict[str, str], root: str) -> dict:
+def build_report(
+    facts: list[str],
+    training: dict[str, dict],
+    results: dict,
+    names: dict[str, str],
+    versions: dict[str, str],
+    root: str,
+) -> dict:
     """{"dir", "markdown", "html"}: `facts` head the report as a list; `training` maps a run's name (the
     registered one first, then e.g. the GRPO baseline) to its train-stage result; `results` is
-    {task: {label: metrics}} and `names` maps each label to the name shown. The Markdown without plots is
-    `markdown_text` in the result, for places that cannot show the PNG files (the Prefect artifact)."""
+    {task: {label: metrics}} and `names` maps each label to the name shown; `versions` (python and the key
+    packages) closes it. The Markdown without plots is `markdown_text` in the result, for places that cannot
+    show the PNG files (the Prefect artifact)."""
+
     def make(work: Path) -> dict:
-        curves_figure({name: [row for _, row in read_jsonl(t["metrics"])] for name, t in training.items()},
-                      work / "training.png")
+        curves_figure(
+            {name: [row for _, row in read_jsonl(t["metrics"])] for name, t in training.items()}, work / "training.png"
+        )
         if results:
             scores_figure(results, names, work / "scores.png")
-        b = [x for x in blocks(facts, training, results, names) if x[0] != "img" or (work / x[1]).exists()]
+        b = [x for x in blocks(facts, training, results, names, versions) if x[0] != "img" or (work / x[1]).exists()]
         images = {x[1]: base64.b64encode((work / x[1]).read_bytes()).decode() for x in b if x[0] == "img"}
         md, page = render(b, images)
         (work / "report.md").write_text(md)
         (work / "report.html").write_text(page)
-        return {"dir": str(work), "markdown": str(work / "report.md"), "html": str(work / "report.html"),
-                "markdown_text": render(b, None)[0]}
+        return {
+            "dir": str(work),
+            "markdown": str(work / "report.md"),
+            "html": str(work / "report.html"),
+            "markdown_text": render(b, None)[0],
+        }
 
     return build(output_dir(root, "report"), make)

@@ -7,6 +7,7 @@ call retries while the store is unreachable, and all calls share one deadline pe
 after the first failed call, every call fails at once with the URI and what to do. A shorter outage (a
 server restart) is bridged and the run goes on.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,7 +34,7 @@ class StoreUnavailable(RuntimeError):
 def tracking_uri(uri: str) -> str:
     """A relative sqlite URI made absolute, so every process and cache key means the same database."""
     if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
-        return SQLITE + str(Path(uri[len(SQLITE):]).resolve())
+        return SQLITE + str(Path(uri[len(SQLITE) :]).resolve())
     return uri
 
 
@@ -41,17 +42,22 @@ def _unreachable(e: BaseException) -> bool:
     """A failure that says nothing about the request, only that the store did not take it: no connection
     (refused, reset, DNS), a gateway with no server behind it, or a sqlite file another process holds."""
     chain = [e]
-    while len(chain) < 10 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    return any(isinstance(x, requests.exceptions.ConnectionError) or "database is locked" in str(x)
-               or (isinstance(x, MlflowException) and x.get_http_status_code() in (502, 503, 504)) for x in chain)
+    while len(chain) < 10 and (cause := chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(cause)
+    return any(
+        isinstance(x, requests.exceptions.ConnectionError)
+        or "database is locked" in str(x)
+        or (isinstance(x, MlflowException) and x.get_http_status_code() in (502, 503, 504))
+        for x in chain
+    )
 
 
 def lost_a_race(e: Exception) -> bool:
     """Another run created the same row first (two runs of one config at once): experiment, registered model,
     dataset. MLflow's get-or-create is not atomic; looking again finds the other run's row."""
-    return isinstance(e, MlflowException) and (e.error_code == "RESOURCE_ALREADY_EXISTS"
-                                               or "unique constraint" in str(e).lower())
+    return isinstance(e, MlflowException) and (
+        e.error_code == "RESOURCE_ALREADY_EXISTS" or "unique constraint" in str(e).lower()
+    )
 
 
 def patiently(uri: str, wait: float, fn, *args, **kwargs) -> Any:
@@ -71,7 +77,8 @@ def patiently(uri: str, wait: float, fn, *args, **kwargs) -> Any:
                     f"MLflow tracking store {uri} did not answer for {now - since:.0f} s "
                     f"(pipeline.mlflow_wait={wait:g}): start it or set pipeline.mlflow_tracking_uri to one that "
                     f"runs, then retry; finished stages come back cached ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200]})") from e
+                    f"{str(e).splitlines()[0][:200]})"
+                ) from e
             if since == now:
                 log.warning("MLflow tracking store %s does not answer; waiting up to %g s for it", uri, wait)
             time.sleep(min(delay, since + wait - now))
@@ -103,7 +110,7 @@ def locked(uri: str):
     if not uri.startswith(SQLITE):
         yield
         return
-    db = Path(uri[len(SQLITE):])
+    db = Path(uri[len(SQLITE) :])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released by the kernel if this process dies

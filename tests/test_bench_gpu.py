@@ -1,5 +1,6 @@
 """bench/gpu.py: the published Qwen2.5 architectures, FLOP formulas that agree with torch's counter, and the whole
 GPU code path run on the CPU with a tiny model (`--smoke`)."""
+
 import json
 import subprocess
 import sys
@@ -49,15 +50,20 @@ def test_flop_formulas_equal_torchs_count(gpu, checkpointing):
     assert (f["hardware"] > f["model"]) == checkpointing
 
 
+@pytest.mark.slow  # a bench run in miniature: builds, trains and times the whole step
 @pytest.mark.parametrize("config", [None, "configs/qwen2.5-7b-h100.yaml"])
 def test_smoke_runs_the_whole_step(tmp_path, config):
     """The default settings (fp32 on the CPU) and the real configuration's (bf16, 32 prompts x 4 completions,
     micro_batch_tokens 8192, 8-bit AdamW with stochastic rounding) on the tiny architecture: every phase runs,
     and the first update of every step is exactly on-policy."""
     out = tmp_path / "gpu.json"
-    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)] + (["--config", config] if config
-                                                                                         else []),
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--out", str(out)] + (["--config", config] if config else []),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
     ratio = float(lines[-1].removeprefix("ratio="))
@@ -79,6 +85,7 @@ def test_smoke_runs_the_whole_step(tmp_path, config):
     assert r["optimizer_state_bytes"] > 0 and 0 < r["update_mfu_model"] < r["update_mfu_hardware"]
 
 
+@pytest.mark.slow  # the GPU check script end to end, in subprocesses
 def test_gpu_check_smoke_runs_both_parts_and_writes_dated_results(tmp_path):
     """bench/gpu_check.sh --smoke: the prepared GPU check's two parts on the CPU, results named by part, device
     and date; without --smoke and without a GPU it refuses in one line."""
@@ -86,8 +93,9 @@ def test_gpu_check_smoke_runs_both_parts_and_writes_dated_results(tmp_path):
 
     script = ROOT / "bench" / "gpu_check.sh"
     env = dict(os.environ, PYTHON=sys.executable)
-    run = subprocess.run(["bash", str(script), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True,
-                         timeout=600, env=env)
+    run = subprocess.run(
+        ["bash", str(script), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (decode,), (step,) = sorted(tmp_path.glob("decode-cpu-*.json")), sorted(tmp_path.glob("step-cpu-*.json"))
     assert decode.with_suffix(".log").read_text().strip().splitlines()[-1].startswith("ratio=")
@@ -96,7 +104,9 @@ def test_gpu_check_smoke_runs_both_parts_and_writes_dated_results(tmp_path):
     assert s["settings"]["config"] == "configs/qwen2.5-7b-h100.yaml" and s["settings"]["prompts_per_step"] == 32
     assert s["models"]["tiny"]["steps"][-1]["first_update"] == {"ratio_min": 1.0, "ratio_max": 1.0, "clip_frac": 0.0}
     if not torch.cuda.is_available():
-        bare = subprocess.run(["bash", str(script), "--out", str(tmp_path / "gpu")], capture_output=True, text=True,
-                              timeout=120, env=env)
-        assert bare.returncode == 2 and bare.stderr.strip() == ("gpu_check: no CUDA device; --smoke runs the same "
-                                                                "code on the CPU")
+        bare = subprocess.run(
+            ["bash", str(script), "--out", str(tmp_path / "gpu")], capture_output=True, text=True, timeout=120, env=env
+        )
+        assert bare.returncode == 2 and bare.stderr.strip() == (
+            "gpu_check: no CUDA device; --smoke runs the same code on the CPU"
+        )

@@ -1,5 +1,6 @@
 """The trainer-vs-TRL benchmark compares like with like: TRL's GRPOTrainer, configured by the benchmark, computes
 the same GSPO loss and gradient as ours on a real rollout, and does the same work per rollout step."""
+
 import threading
 
 import pytest
@@ -24,7 +25,12 @@ def test_trl_config_does_the_same_work(bench, tmp_path):
     assert args.per_device_train_batch_size * g.num_minibatches == args.generation_batch_size
     assert args.max_steps == cfg.train.steps * g.num_minibatches
     assert (args.num_generations, args.max_completion_length, args.temperature, args.top_p, args.top_k) == (
-        g.group_size, g.max_new_tokens, g.temperature, g.top_p, 0)
+        g.group_size,
+        g.max_new_tokens,
+        g.temperature,
+        g.top_p,
+        0,
+    )
     assert (args.loss_type, args.importance_sampling_level, args.beta) == ("grpo", "sequence", 0.0)
     assert (args.epsilon, args.epsilon_high) == g.clip_range()
     assert (args.optim, args.learning_rate, args.max_grad_norm) == ("adamw_torch", cfg.optim.lr, cfg.optim.grad_clip)
@@ -46,7 +52,7 @@ def test_turns_alternate_steps_and_let_the_last_one_finish(bench):
 
     def worker(name, steps):
         turns.begin(name)
-        for i in range(steps):
+        for _ in range(steps):
             log.append(name)  # only the thread holding the turn runs, so the log shows the order
             turns.step_done(name)
         turns.finish(name)

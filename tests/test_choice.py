@@ -21,32 +21,53 @@ def tokenizer(examples):
     """A byte-level BPE trained on the fixture itself, so words become multi-character tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([e.meta["context"] + " " + " ".join(e.meta["endings"]) for e in examples], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
 def tiny_model(arch: str, vocab_size: int, max_positions: int = 256):
     import transformers
+
     torch.manual_seed(0)
     if arch == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, n_positions=max_positions,
-                                      bos_token_id=0, eos_token_id=0)
+        cfg = transformers.GPT2Config(
+            vocab_size=vocab_size,
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            n_positions=max_positions,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         return transformers.GPT2LMHeadModel(cfg)
-    cfg = transformers.Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                                   bos_token_id=0, eos_token_id=0)
+    cfg = transformers.Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.Qwen2ForCausalLM(cfg)
 
 
 def naive_loglikelihood(model, tokenizer, context: str, ending: str) -> float:
     """One unpadded forward per ending; token t of the continuation is predicted at the position before it."""
     ctx = tokenizer(context)["input_ids"]
-    cont = tokenizer(context + " " + ending)["input_ids"][len(ctx):]
+    cont = tokenizer(context + " " + ending)["input_ids"][len(ctx) :]
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0], -1)
     return sum(logp[len(ctx) + t - 1, token].item() for t, token in enumerate(cont))
@@ -57,8 +78,9 @@ def test_score_choices_equals_naive_per_ending_loop(arch, examples, tokenizer):
     torch.set_num_threads(1)
     model = tiny_model(arch, len(tokenizer)).double()  # float64, so the two paths agree far below 1e-5
     model.eval()
-    naive = [[naive_loglikelihood(model, tokenizer, e.meta["context"], end) for end in e.meta["endings"]]
-             for e in examples]
+    naive = [
+        [naive_loglikelihood(model, tokenizer, e.meta["context"], end) for end in e.meta["endings"]] for e in examples
+    ]
     hits = hits_norm = 0
     for e, lls in zip(examples, naive):
         pred = max(range(4), key=lambda j: lls[j])
@@ -113,29 +135,53 @@ def test_acc_norm_divides_by_ending_characters():
 
 def test_empty_input_and_empty_ending_are_errors(examples, tokenizer):
     model = tiny_model("gpt2", len(tokenizer))
-    with pytest.raises(ValueError, match="^no examples to score$"):
+    with pytest.raises(ValueError, match=r"^no examples to score$"):
         score_choices(model, tokenizer, [])
     bad = SimpleNamespace(id="x", reference=0, meta={"context": "c", "endings": ["a", "", "b", "d"]})
-    with pytest.raises(ValueError, match="^x: an ending is empty"):
+    with pytest.raises(ValueError, match=r"^x: an ending is empty"):
         score_choices(model, tokenizer, [bad])
 
 
 # ---- generative reward -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("completion, index", [
-    ("B", 1), (" B", 1), ("(B)", 1), ("B.", 1), ("B) tunes the strings", 1), ("Answer: B", 1), ("answer: C", 2),
-    ("The answer is D.", 3), ("The answer is (A)", 0), ("I think (C) fits best.", 2), ("D\nbecause it is likely", 3),
-    ("tunes the strings and begins strumming a song.", 1), ("  Tunes the strings and begins strumming a song  ", 1),
-    ("(A) and (B) are silly. Answer: D", 3), ("Answer: B\nExplanation: (A) is silly.", 1),
-])
+
+@pytest.mark.parametrize(
+    "completion, index",
+    [
+        ("B", 1),
+        (" B", 1),
+        ("(B)", 1),
+        ("B.", 1),
+        ("B) tunes the strings", 1),
+        ("Answer: B", 1),
+        ("answer: C", 2),
+        ("The answer is D.", 3),
+        ("The answer is (A)", 0),
+        ("I think (C) fits best.", 2),
+        ("D\nbecause it is likely", 3),
+        ("tunes the strings and begins strumming a song.", 1),
+        ("  Tunes the strings and begins strumming a song  ", 1),
+        ("(A) and (B) are silly. Answer: D", 3),
+        ("Answer: B\nExplanation: (A) is silly.", 1),
+    ],
+)
 def test_extract_choice(completion, index, examples):
     assert extract_choice(completion, examples[1].meta["endings"])[0] == index
 
 
-@pytest.mark.parametrize("completion", [
-    "", "A man tunes his guitar.", "the answer is a song", "Either (A) or (B), hard to say", "E", "Answer: E",
-    "Because the man wants music", "tunes the strings",
-])
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "",
+        "A man tunes his guitar.",
+        "the answer is a song",
+        "Either (A) or (B), hard to say",
+        "E",
+        "Answer: E",
+        "Because the man wants music",
+        "tunes the strings",
+    ],
+)
 def test_extract_choice_finds_nothing(completion, examples):
     assert extract_choice(completion, examples[1].meta["endings"]) == (None, "")
 
@@ -152,7 +198,12 @@ def test_reward_registered_and_scored(examples):
         assert (right.score, right.verdict, right.extracted) == (1.0, "correct", "B")
         assert right.reason == "answer phrase B is the reference"
     wrong = rewards.score("hellaswag", "(C)", e)
-    assert (wrong.score, wrong.verdict, wrong.extracted, wrong.reason) == (0.0, "wrong", "C", "leading letter C, reference B")
+    assert (wrong.score, wrong.verdict, wrong.extracted, wrong.reason) == (
+        0.0,
+        "wrong",
+        "C",
+        "leading letter C, reference B",
+    )
     text = rewards.score("hellaswag", e.meta["endings"][1], e)
     assert (text.score, text.extracted, text.reason) == (1.0, "B", "ending text B is the reference")
     none = rewards.score("hellaswag", "no idea", e)

@@ -1,4 +1,5 @@
 """The `gspo` command itself: help pages, one-line errors, a reader that goes away."""
+
 import os
 import subprocess
 import sys
@@ -31,14 +32,16 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     """`gspo config --fields | head`: the reader closes the pipe before the command writes; no traceback."""
     r, w = os.pipe()
     os.close(r)
-    p = subprocess.run([sys.executable, "-m", "gspo_cli", "config", "--fields"], stdout=w, stderr=subprocess.PIPE,
-                       timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "gspo_cli", "config", "--fields"], stdout=w, stderr=subprocess.PIPE, timeout=120
+    )
     os.close(w)
     assert p.stderr == b"" and p.returncode == 141
 
 
-@pytest.mark.parametrize("argv", [["run", "--set", "eval.tasks=[gsm8k,arithmetic]", "--set",
-                                   "eval.gsm8k_path=/nonexistent/test.jsonl"]])
+@pytest.mark.parametrize(
+    "argv", [["run", "--set", "eval.tasks=[gsm8k,arithmetic]", "--set", "eval.gsm8k_path=/nonexistent/test.jsonl"]]
+)
 def test_a_missing_input_of_a_later_stage_fails_before_anything_starts(argv, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err == "gspo run: error: eval.gsm8k_path: /nonexistent/test.jsonl does not exist\n"

@@ -15,39 +15,52 @@ def test_defaults_yaml_and_overrides_layer_in_that_order(tmp_path):
     assert load_config(tmp_path / "out.yaml") == cfg
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["gspo.group_size=abc"], "invalid config value gspo.group_size: expected int, got 'abc'"),
-    (["gspo.group_size=2.5"], "invalid config value gspo.group_size: expected int, got 2.5"),
-    (["gspo.bogus=1"], "unknown config field gspo.bogus"),
-    (["gspo.importance_sampling_level=seq"], "gspo.importance_sampling_level: 'seq' is not one of"),
-    (["gspo.num_minibatches=0"], "invalid config value gspo.num_minibatches"),
-    (["train.progress=maybe"], "invalid config value train.progress: expected bool"),
-    (["gspo.top_p=1.5"], "invalid config value gspo.top_p: must be <= 1, got 1.5"),
-    (["gspo.group_size=1"], "invalid config value gspo.group_size: must be >= 2"),
-    (["optim.lr=inf"], "invalid config value optim.lr: must be a finite number"),
-    (["optim.lr=nan"], "invalid config value optim.lr: must be a finite number"),
-    (["train.max_consecutive_skips=0"], "invalid config value train.max_consecutive_skips: must be >= 1"),
-    (["train.checkpoint_every=-1"], "invalid config value train.checkpoint_every: must be >= 0"),
-    (["warm_start.steps=-3"], "invalid config value warm_start.steps: must be >= 0"),
-    (["warm_start.batch_size=0"], "invalid config value warm_start.batch_size: must be >= 1"),
-    (["data.train_size=-5"], "invalid config value data.train_size: must be >= 0"),
-    (["train.threads=-1"], "invalid config value train.threads: must be >= 0"),
-    (["train.device=gpu0"], "invalid config value train.device: must be auto, cpu, cuda or cuda:N"),
-    (["gspo.max_prompt_length=0"], "invalid config value gspo.max_prompt_length: must be >= 1"),
-    (["optim.betas=[a]"], "invalid config value optim.betas: must be two numbers in [0, 1)"),
-    (["optim.betas=[0.9, 1.5]"], "invalid config value optim.betas: must be two numbers in [0, 1)"),
-    (["gspo.num_minibatches=17", "gspo.prompts_per_step=4", "gspo.group_size=4"],
-     "invalid config value gspo.num_minibatches: 17 updates need at least as many rows"),
-    (["optim.low_precision_update=round"], "optim.low_precision_update: 'round' is not one of"),
-    (["nosuchsection.x=1"], "unknown config field nosuchsection"),
-    (["gspo.group_size"], "expected section.field=value"),
-    (["eval.tasks=[arithmetic,mmlu]"], "invalid config value eval.tasks: must be one or more of humaneval, gsm8k, "
-                                       "hellaswag, arithmetic, got ['arithmetic', 'mmlu']"),
-    (["eval.tasks=[]"], "invalid config value eval.tasks: must be one or more of"),
-    (["eval.tasks=[gsm8k]"], "invalid config value pipeline.gate_metric: 'arithmetic' is not one of eval.tasks (gsm8k)"),
-    (["data.source=squad"], "data.source: 'squad' is not one of humaneval, gsm8k, hellaswag, arithmetic, custom"),
-    (["pipeline.mlflow_wait=-1"], "invalid config value pipeline.mlflow_wait: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["gspo.group_size=abc"], "invalid config value gspo.group_size: expected int, got 'abc'"),
+        (["gspo.group_size=2.5"], "invalid config value gspo.group_size: expected int, got 2.5"),
+        (["gspo.bogus=1"], "unknown config field gspo.bogus"),
+        (["gspo.importance_sampling_level=seq"], "gspo.importance_sampling_level: 'seq' is not one of"),
+        (["gspo.num_minibatches=0"], "invalid config value gspo.num_minibatches"),
+        (["train.progress=maybe"], "invalid config value train.progress: expected bool"),
+        (["gspo.top_p=1.5"], "invalid config value gspo.top_p: must be <= 1, got 1.5"),
+        (["gspo.group_size=1"], "invalid config value gspo.group_size: must be >= 2"),
+        (["optim.lr=inf"], "invalid config value optim.lr: must be a finite number"),
+        (["optim.lr=nan"], "invalid config value optim.lr: must be a finite number"),
+        (["train.max_consecutive_skips=0"], "invalid config value train.max_consecutive_skips: must be >= 1"),
+        (["train.checkpoint_every=-1"], "invalid config value train.checkpoint_every: must be >= 0"),
+        (["warm_start.steps=-3"], "invalid config value warm_start.steps: must be >= 0"),
+        (["warm_start.batch_size=0"], "invalid config value warm_start.batch_size: must be >= 1"),
+        (["data.train_size=-5"], "invalid config value data.train_size: must be >= 0"),
+        (["train.threads=-1"], "invalid config value train.threads: must be >= 0"),
+        (["train.device=gpu0"], "invalid config value train.device: must be auto, cpu, cuda or cuda:N"),
+        (["gspo.max_prompt_length=0"], "invalid config value gspo.max_prompt_length: must be >= 1"),
+        (["optim.betas=[a]"], "invalid config value optim.betas: must be two numbers in [0, 1)"),
+        (["optim.betas=[0.9, 1.5]"], "invalid config value optim.betas: must be two numbers in [0, 1)"),
+        (
+            ["gspo.num_minibatches=17", "gspo.prompts_per_step=4", "gspo.group_size=4"],
+            "invalid config value gspo.num_minibatches: 17 updates need at least as many rows",
+        ),
+        (["optim.low_precision_update=round"], "optim.low_precision_update: 'round' is not one of"),
+        (["nosuchsection.x=1"], "unknown config field nosuchsection"),
+        (["gspo.group_size"], "expected section.field=value"),
+        (
+            ["eval.tasks=[arithmetic,mmlu]"],
+            (
+                "invalid config value eval.tasks: must be one or more of humaneval, gsm8k, "
+                "hellaswag, arithmetic, got ['arithmetic', 'mmlu']"
+            ),
+        ),
+        (["eval.tasks=[]"], "invalid config value eval.tasks: must be one or more of"),
+        (
+            ["eval.tasks=[gsm8k]"],
+            "invalid config value pipeline.gate_metric: 'arithmetic' is not one of eval.tasks (gsm8k)",
+        ),
+        (["data.source=squad"], "data.source: 'squad' is not one of humaneval, gsm8k, hellaswag, arithmetic, custom"),
+        (["pipeline.mlflow_wait=-1"], "invalid config value pipeline.mlflow_wait: must be >= 0"),
+    ],
+)
 def test_bad_values_fail_with_one_line_naming_the_field(overrides, message):
     with pytest.raises(ValueError) as e:  # ConfigError is a ValueError
         load_config(None, overrides)

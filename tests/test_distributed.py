@@ -1,4 +1,5 @@
 """Two gloo ranks on the CPU follow the single-process trajectory."""
+
 import dataclasses
 import json
 import os
@@ -20,12 +21,22 @@ from gspo.trainer import train
 
 # Loss and weights agree to float32 reduction-order noise: gradients are summed in another order across ranks.
 TOL = 1e-5
-CFG = ["train.steps=3", "gspo.prompts_per_step=4", "gspo.group_size=4", "gspo.max_new_tokens=4",
-       "train.eval_every=0", "train.checkpoint_every=0", "train.progress=false", "train.threads=1",
-       "data.eval_size=20", "optim.lr=3e-3", "optim.optimizer=adamw", "gspo.num_minibatches=4"]
+CFG = [
+    "train.steps=3",
+    "gspo.prompts_per_step=4",
+    "gspo.group_size=4",
+    "gspo.max_new_tokens=4",
+    "train.eval_every=0",
+    "train.checkpoint_every=0",
+    "train.progress=false",
+    "train.threads=1",
+    "data.eval_size=20",
+    "optim.lr=3e-3",
+    "optim.optimizer=adamw",
+    "gspo.num_minibatches=4",
+]
 
 
-@rewards.register("test_dist_even_length")
 def _even_length(completion, example):
     return rewards.RewardResult(float(len(completion) % 2 == 0))
 
@@ -37,7 +48,9 @@ def _run(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     cfg = load_config(None, CFG)
     s = prepare_splits(cfg)
     tr = [dataclasses.replace(e, task="test_dist_even_length") for e in s.train]
-    train(cfg, model_dir, tr, s.held_out, out)
+    # Registered here, in the process that trains: spawned ranks import this module afresh.
+    with rewards.registered("test_dist_even_length", _even_length):
+        train(cfg, model_dir, tr, s.held_out, out)
     if world > 1:
         dist.destroy_process_group()
 
@@ -71,7 +84,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     w1 = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     w0 = load_file(str(tmp_path / "tiny" / "model.safetensors"))
-    norm = lambda d: sum(float(v.double().pow(2).sum()) for v in d.values()) ** 0.5
+
+    def norm(d):
+        return sum(float(v.double().pow(2).sum()) for v in d.values()) ** 0.5
+
     moved = norm({k: w1[k] - w0[k] for k in w1})
     # Adam divides by sqrt(v): float noise in near-zero gradients becomes steps of up to ~lr, so the weights
     # are compared relative to how far training moved them.
@@ -81,17 +97,36 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 @pytest.mark.slow
 def test_torchrun_launches_the_cli(tmp_path):
     """The documented launch: torchrun over `gspo train`, rank 0 writing the checkpoint and the summary."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           "-m", "gspo_cli", "train", "--output", str(tmp_path / "run")] + sum((["--set", c] for c in CFG), [])
-    proc = subprocess.run(cmd + ["--set", "train.steps=2"], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "gspo_cli",
+        "train",
+        "--output",
+        str(tmp_path / "run"),
+    ] + [a for c in CFG for a in ("--set", c)]
+    proc = subprocess.run(
+        cmd + ["--set", "train.steps=2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["world_size"] == 2 and summary["steps"] == 2
     assert (tmp_path / "run" / "train" / "final" / "model.safetensors").exists()
     assert len(_metrics(tmp_path / "run" / "train" / "metrics.jsonl")) == 2
-    assert torch.isfinite(torch.tensor([m["loss"] for m in _metrics(tmp_path / "run" / "train" / "metrics.jsonl")
-                                        if "loss" in m] or [0.0])).all()
+    assert torch.isfinite(
+        torch.tensor(
+            [m["loss"] for m in _metrics(tmp_path / "run" / "train" / "metrics.jsonl") if "loss" in m] or [0.0]
+        )
+    ).all()
 
 
 def _run_with(rank: int, world: int, port: int, model_dir: str, out: str, extra: list) -> None:
@@ -101,7 +136,9 @@ def _run_with(rank: int, world: int, port: int, model_dir: str, out: str, extra:
     cfg = load_config(None, CFG + extra)
     s = prepare_splits(cfg)
     tr = [dataclasses.replace(e, task="test_dist_even_length") for e in s.train]
-    train(cfg, model_dir, tr, s.held_out, out)
+    # Registered here, in the process that trains: spawned ranks import this module afresh.
+    with rewards.registered("test_dist_even_length", _even_length):
+        train(cfg, model_dir, tr, s.held_out, out)
     if world > 1:
         dist.destroy_process_group()
 
@@ -159,8 +196,15 @@ def test_fsdp_on_two_gloo_ranks_matches_one_process_and_resumes_across_the_switc
     # The step-1 checkpoints hold the same files, tensors of the same names and shapes.
     ckpts = {name: tmp_path / name / "checkpoints" / "step-00000001" for name in ("one", "two")}
     states = {name: torch.load(c / "trainer_state.pt", weights_only=False) for name, c in ckpts.items()}
-    shapes = {name: {(i, k): tuple(v.shape) for i, st in s["optimizer"]["state"].items() for k, v in st.items()
-                     if torch.is_tensor(v)} for name, s in states.items()}
+    shapes = {
+        name: {
+            (i, k): tuple(v.shape)
+            for i, st in s["optimizer"]["state"].items()
+            for k, v in st.items()
+            if torch.is_tensor(v)
+        }
+        for name, s in states.items()
+    }
     assert shapes["one"] == shapes["two"] and len(shapes["one"]) > 0
     saved = {name: load_file(str(c / "model" / "model.safetensors")) for name, c in ckpts.items()}
     assert _apart(saved["one"], saved["two"], w0) < 1e-4
@@ -189,14 +233,21 @@ def test_fsdp_steps_bf16_shards_with_the_rounding_optimizer_and_resumes_a_replic
     for a, b in zip(one, two):
         assert (a["reward_mean"], a["completion_len_mean"]) == (b["reward_mean"], b["completion_len_mean"])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-2)
-    as_float = lambda d: {k: v.float() for k, v in d.items()}
+
+    def as_float(d):
+        return {k: v.float() for k, v in d.items()}
+
     w0 = as_float(load_file(str(model_dir / "model.safetensors")))
     final = {n: as_float(load_file(str(tmp_path / n / "final" / "model.safetensors"))) for n in ("one", "two")}
     assert _apart(final["one"], final["two"], w0) < 0.2
-    states = [torch.load(tmp_path / n / "checkpoints" / "step-00000001" / "trainer_state.pt",
-                         weights_only=False)["optimizer"] for n in ("one", "two")]
-    quant = [{i: {k: tuple(v.shape) for k, v in st["__bnb_optimizer_quant_state__"].items()}
-              for i, st in s["state"].items()} for s in states]
+    states = [
+        torch.load(tmp_path / n / "checkpoints" / "step-00000001" / "trainer_state.pt", weights_only=False)["optimizer"]
+        for n in ("one", "two")
+    ]
+    quant = [
+        {i: {k: tuple(v.shape) for k, v in st["__bnb_optimizer_quant_state__"].items()} for i, st in s["state"].items()}
+        for s in states
+    ]
     assert quant[0] == quant[1] and len(quant[0]) > 0
     _train(2, model_dir, tmp_path / "one", run + ["train.sharding=fsdp"])
     assert [m["step"] for m in _metrics(tmp_path / "one" / "metrics.jsonl")] == [1, 2]

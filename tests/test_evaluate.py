@@ -48,7 +48,9 @@ def test_hellaswag_matches_unbatched_choice_scoring(tiny, tmp_path):
     cfg = load_config(None, FAST + [f"eval.hellaswag_path={FIXTURES / 'hellaswag.jsonl'}", "eval.limit=0"])
     m = evaluate_task(tiny, "hellaswag", cfg, tmp_path / "p.jsonl")
     model = load_model(tiny, cfg.model, torch.device("cpu"), trainable=False)
-    ref = score_choices(model, load_tokenizer(tiny), load_examples("hellaswag", FIXTURES / "hellaswag.jsonl"), batch_size=64)
+    ref = score_choices(
+        model, load_tokenizer(tiny), load_examples("hellaswag", FIXTURES / "hellaswag.jsonl"), batch_size=64
+    )
     assert m == {"score": ref["acc_norm"], "n": 6, "acc": ref["acc"], "acc_norm": ref["acc_norm"]}
     assert [r["pred_norm"] for r in _rows(tmp_path / "p.jsonl")] == [p["pred_norm"] for p in ref["predictions"]]
 
@@ -59,8 +61,10 @@ def test_gsm8k_reads_the_test_split_and_checks_answers_with_the_math_reward(tiny
     assert [e.id for e in examples] == [f"gsm8k/test/{i}" for i in range(4)]
     m = evaluate_task(tiny, "gsm8k", cfg, tmp_path / "p.jsonl")
     rows = _rows(tmp_path / "p.jsonl")
-    assert m["n"] == 4 and m["score"] == sum(rewards.score("gsm8k", r["completion"], e).score
-                                             for r, e in zip(rows, examples)) / 4
+    assert (
+        m["n"] == 4
+        and m["score"] == sum(rewards.score("gsm8k", r["completion"], e).score for r, e in zip(rows, examples)) / 4
+    )
 
 
 def test_code_completion_cuts_raw_continuations_and_takes_fenced_code():

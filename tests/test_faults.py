@@ -1,8 +1,12 @@
 """Faults during training that must cost one sample, not the run."""
+
+import pytest
+
 from gspo.data import load_humaneval
 from gspo.scoring import score as _score
 
 
+@pytest.mark.slow  # each hostile program runs to its time limit
 def test_hanging_and_flooding_programs_score_zero_and_training_goes_on():
     problem = next(e for e in load_humaneval() if e.reference["task_id"] == "HumanEval/0")
     good = problem.reference["canonical_solution"]

@@ -3,20 +3,36 @@
 Runs the `gspo train` command on configs/demo.yaml with fewer and smaller steps (about 2 minutes of CPU), then
 scores the warm-started and the trained model on the arithmetic test problems, which neither stage trains on.
 """
+
 import json
 from pathlib import Path
 
-from gspo_cli import main
+import pytest
+
 from gspo.config import load_config
 from gspo.evaluate import evaluate_task
+from gspo_cli import main
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-SHORT = ["train.steps=150", "gspo.prompts_per_step=32", "gspo.num_minibatches=2", "data.eval_size=100",
-         "eval.limit=100", "train.eval_every=50", "train.checkpoint_every=0", "train.progress=false"]
+SHORT = [
+    "train.steps=150",
+    "gspo.prompts_per_step=32",
+    "gspo.num_minibatches=2",
+    "data.eval_size=100",
+    "eval.limit=100",
+    "train.eval_every=50",
+    "train.checkpoint_every=0",
+    "train.progress=false",
+]
+
+pytestmark = pytest.mark.slow  # learns to a target: minutes of training
 
 
 def test_gspo_raises_held_out_accuracy(tmp_path, capsys):
-    assert main(["train", "--config", str(DEMO), "--output", str(tmp_path)] + [a for s in SHORT for a in ("--set", s)]) == 0
+    assert (
+        main(["train", "--config", str(DEMO), "--output", str(tmp_path)] + [a for s in SHORT for a in ("--set", s)])
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cfg = load_config(DEMO, SHORT)
     meta = json.loads((tmp_path / "warm_start" / "gspo_meta.json").read_text())

@@ -67,7 +67,8 @@ def test_hand_values_sequence_token_with_per_token_advantages():
 
 
 def test_hand_values_token():
-    # ratios [1.105, 0.905, 1.350] with A = +1 (third clipped to 1.2); [1.0, 0.741] with A = -0.5 (second clipped to 0.8)
+    # ratios [1.105, 0.905, 1.350] with A = +1 (third clipped to 1.2);
+    # [1.0, 0.741] with A = -0.5 (second clipped to 0.8)
     out = hand("token", [1.0, -0.5], 0.2)
     row1 = (e(0.1) + e(-0.1) + 1.2) / 3
     row2 = (1.0 * -0.5 + 0.8 * -0.5) / 2
@@ -168,7 +169,9 @@ def test_empty_sequences_add_zero_but_count():
     kw = dict(eps_low=0.2, eps_high=0.2, ref_logp=ref, beta=0.1)
     for level in LEVELS:
         full, grad = loss_and_grad(logp, old, adv, mask, level=level, **kw)
-        part, _ = loss_and_grad(logp[keep], old[keep], adv[keep], mask[keep], level=level, **{**kw, "ref_logp": ref[keep]})
+        part, _ = loss_and_grad(
+            logp[keep], old[keep], adv[keep], mask[keep], level=level, **{**kw, "ref_logp": ref[keep]}
+        )
         assert torch.isfinite(grad).all()
         assert full.loss.item() == pytest.approx(part.loss.item() * int(keep.sum()) / len(keep), abs=1e-12)
         empty = policy_loss(logp, old, adv, torch.zeros_like(mask), level, ref_logp=ref, beta=0.1)
@@ -189,11 +192,14 @@ def test_log_ratio_cap_keeps_low_precision_finite():
 
 # GSPO-token with per-token advantages is a stop-gradient surrogate whose gradient is not the derivative of
 # its value (checked by hand above), so it is gradchecked with per-sequence advantages.
-@pytest.mark.parametrize("level, per_token_adv, eps, scale", [
-    ("sequence", False, (0.02, 0.03), 0.3),
-    ("sequence_token", False, (0.02, 0.03), 0.3),
-    ("token", True, (0.2, 0.25), 0.5),
-])
+@pytest.mark.parametrize(
+    "level, per_token_adv, eps, scale",
+    [
+        ("sequence", False, (0.02, 0.03), 0.3),
+        ("sequence_token", False, (0.02, 0.03), 0.3),
+        ("token", True, (0.2, 0.25), 0.5),
+    ],
+)
 def test_gradcheck(level, per_token_adv, eps, scale):
     logp, old, adv, mask, ref = batch(4, B=5, T=4, scale=scale, per_token_adv=per_token_adv)
 
@@ -205,7 +211,7 @@ def test_gradcheck(level, per_token_adv, eps, scale):
 
 
 def test_bad_arguments_are_rejected():
-    logp, old, adv, mask, ref = batch(5, per_token_adv=True)
+    logp, old, adv, mask, _ref = batch(5, per_token_adv=True)
     with pytest.raises(ValueError, match="level"):
         policy_loss(logp, old, adv, mask, "seq")
     with pytest.raises(ValueError, match="advantages shape"):
@@ -235,13 +241,16 @@ def loop_reference(logp, old, adv, mask, level, eps_low, eps_high, ref, beta):
     return -total / len(mask) + beta * kl_total / len(mask)
 
 
-@pytest.mark.parametrize("level, per_token_adv, eps", [
-    ("sequence", False, (3e-4, 4e-4)),
-    ("sequence_token", False, (3e-4, 4e-4)),
-    ("sequence_token", True, (3e-4, 4e-4)),
-    ("token", False, (0.2, 0.2)),
-    ("token", True, (0.2, 0.28)),
-])
+@pytest.mark.parametrize(
+    "level, per_token_adv, eps",
+    [
+        ("sequence", False, (3e-4, 4e-4)),
+        ("sequence_token", False, (3e-4, 4e-4)),
+        ("sequence_token", True, (3e-4, 4e-4)),
+        ("token", False, (0.2, 0.2)),
+        ("token", True, (0.2, 0.28)),
+    ],
+)
 def test_matches_float64_loop(level, per_token_adv, eps):
     logp, old, adv, mask, ref = batch(6, scale=1e-3 if level != "token" else 0.3, per_token_adv=per_token_adv)
     out = policy_loss(logp, old, adv, mask, level, *eps, ref_logp=ref, beta=0.04)
@@ -264,20 +273,38 @@ def trl_compute_loss(level, logp, old, adv, mask, eps_low, eps_high, ref, beta):
       second clip `delta` we do not have; its k3 KL per token is the same as ours.
     """
     trainer = pytest.importorskip("trl.trainer.grpo_trainer")
-    identity = lambda x, **_: x
+
+    def identity(x, **_):
+        return x
+
     config = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
-        importance_sampling_level=level, loss_type="grpo", epsilon_low=eps_low, epsilon_high=eps_high, beta=beta,
-        args=SimpleNamespace(delta=None, use_bias_correction_kl=False), top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None, use_vllm=False, aux_loss_enabled=False, _entropy_bonus_enabled=False,
-        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+        importance_sampling_level=level,
+        loss_type="grpo",
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        beta=beta,
+        args=SimpleNamespace(delta=None, use_bias_correction_kl=False),
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        use_vllm=False,
+        aux_loss_enabled=False,
+        _entropy_bonus_enabled=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
         _metrics={"train": defaultdict(list)},
         accelerator=SimpleNamespace(gather=identity, reduce=identity, gather_for_metrics=identity),
     )
     B = logp.shape[0]
-    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
-              "completion_ids": torch.zeros_like(mask), "completion_mask": mask, "advantages": adv,
-              "old_per_token_logps": old, "ref_per_token_logps": ref}
+    inputs = {
+        "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+        "completion_ids": torch.zeros_like(mask),
+        "completion_mask": mask,
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+    }
     loss = trainer.GRPOTrainer._compute_loss(config, None, inputs)
     return loss, {k: v[-1] for k, v in config._metrics["train"].items()}
 
@@ -287,7 +314,9 @@ def test_matches_trl(level, eps, scale):
     logp, old, adv, mask, ref = batch(7, scale=scale)
     trl_loss, trl_metrics = trl_compute_loss(level, logp, old, adv, mask, *eps, ref, 0.04)
     (trl_grad,) = torch.autograd.grad(trl_loss, logp)
-    out, grad = loss_and_grad(logp, old, adv, mask, level=level, eps_low=eps[0], eps_high=eps[1], ref_logp=ref, beta=0.04)
+    out, grad = loss_and_grad(
+        logp, old, adv, mask, level=level, eps_low=eps[0], eps_high=eps[1], ref_logp=ref, beta=0.04
+    )
     assert 0 < out.metrics["clip_frac"] < 1
     assert out.loss.item() == pytest.approx(trl_loss.item(), abs=1e-6)
     assert torch.allclose(grad, trl_grad, rtol=0, atol=1e-6)

@@ -1,9 +1,11 @@
 """Each logged metric means one thing whatever the micro-batch, minibatch or rank split that computed it."""
+
 import json
 import math
 
 import pytest
 import torch
+from test_trainer import SMALL, _dense
 
 from gspo import metrics
 from gspo.config import LEVELS, load_config
@@ -12,7 +14,8 @@ from gspo.loss import policy_loss
 from gspo.models import load_tokenizer
 from gspo.tiny import save_tiny
 from gspo.trainer import PromptSampler, TrainState, train
-from test_trainer import SMALL, _dense
+
+pytestmark = pytest.mark.usefixtures("even_length_reward")
 
 F64 = torch.float64
 
@@ -80,8 +83,18 @@ def tiny_dir(tmp_path_factory):
 def test_step_metrics_are_the_same_for_any_micro_batch_size(tiny_dir, tmp_path):
     rows = {}
     for budget in (10_000, 12):  # one micro-batch per update, or one or two rows per micro-batch
-        cfg = load_config(None, SMALL + ["train.steps=1", "gspo.num_minibatches=2", f"optim.micro_batch_tokens={budget}",
-                                         "gspo.importance_sampling_level=token", "optim.lr=3e-2", "optim.optimizer=adamw"])
+        cfg = load_config(
+            None,
+            SMALL
+            + [
+                "train.steps=1",
+                "gspo.num_minibatches=2",
+                f"optim.micro_batch_tokens={budget}",
+                "gspo.importance_sampling_level=token",
+                "optim.lr=3e-2",
+                "optim.optimizer=adamw",
+            ],
+        )
         s = prepare_splits(cfg)
         res = train(cfg, tiny_dir, _dense(s.train), s.held_out, tmp_path / str(budget))
         rows[budget] = json.loads(res.metrics_path.read_text().splitlines()[0])

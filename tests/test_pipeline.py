@@ -1,24 +1,38 @@
 """The train-eval flow end to end under a Prefect test server, with a real MLflow store: caching across
 runs, what a training change reruns, retrying a failed flow run, registration, promotion, the report,
 a stage whose files are gone, a registry that moved on since the last run."""
+
+import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 import tasks  # noqa: F401  (offline Prefect / MLflow defaults before prefect is imported)
+
+# isort: split
 import mlflow.artifacts
 import torch
 from mlflow import MlflowClient
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+    LogFilterLevel,
+)
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from transformers import AutoModelForCausalLM
@@ -27,17 +41,42 @@ from flows.evaluate import evaluate_model
 from flows.promote import promote
 from flows.train_eval import train_eval
 from gspo.resolve import dir_hash
-from tasks.registry import aliases, register_checkpoint
 from tasks import train
+from tasks.registry import aliases, register_checkpoint
+
+# A real Prefect server (the test harness's) and real flow runs, some in subprocesses.
+pytestmark = pytest.mark.slow
 
 NAME = "gspo-test"
 # About 30 s of stages on 2 CPU cores: a short warm start, 3 GSPO steps, 20 evaluation problems.
-SMALL = ["warm_start.steps=20", "warm_start.batch_size=8", "train.steps=3", "train.eval_every=3", "train.threads=1",
-         "train.progress=false", "gspo.prompts_per_step=4", "gspo.group_size=4", "gspo.max_new_tokens=4",
-         "data.eval_size=20", "eval.limit=20", "eval.max_new_tokens=4", "eval.batch_size=20", "optim.lr=1e-3",
-         f"pipeline.registered_model={NAME}"]
-FIRST_STAGES = {"prepare-data", "snapshot-model", "warm-start", "train-gspo", "register-checkpoint",
-                "evaluate-arithmetic-base", "evaluate-arithmetic-trained", "promotion-gate", "report"}
+SMALL = [
+    "warm_start.steps=20",
+    "warm_start.batch_size=8",
+    "train.steps=3",
+    "train.eval_every=3",
+    "train.threads=1",
+    "train.progress=false",
+    "gspo.prompts_per_step=4",
+    "gspo.group_size=4",
+    "gspo.max_new_tokens=4",
+    "data.eval_size=20",
+    "eval.limit=20",
+    "eval.max_new_tokens=4",
+    "eval.batch_size=20",
+    "optim.lr=1e-3",
+    f"pipeline.registered_model={NAME}",
+]
+FIRST_STAGES = {
+    "prepare-data",
+    "snapshot-model",
+    "warm-start",
+    "train-gspo",
+    "register-checkpoint",
+    "evaluate-arithmetic-base",
+    "evaluate-arithmetic-trained",
+    "promotion-gate",
+    "report",
+}
 ASKS_THE_REGISTRY = {"register-checkpoint", "promotion-gate"}  # never served from the cache
 
 
@@ -45,11 +84,21 @@ ASKS_THE_REGISTRY = {"register-checkpoint", "promotion-gate"}  # never served fr
 def space(tmp_path_factory):
     """A Prefect test server, PREFECT_HOME, artifact root and MLflow store, all private to this module."""
     d = tmp_path_factory.mktemp("pipeline")
+    # The library's loggers at INFO, as in a flow run's process (tasks/__init__.py, or gspo run's log file): an
+    # in-process `gspo` command of an earlier test may have left them at its default, WARNING.
+    levels = {name: logging.getLogger(name).level for name in ("gspo", "rewards")}
+    for name in levels:
+        logging.getLogger(name).setLevel(logging.INFO)
     with temporary_settings({PREFECT_HOME: d / "prefect"}), prefect_test_harness(server_startup_timeout=180):
         uri = f"sqlite:///{d / 'mlflow.db'}"
-        yield {"dir": d, "uri": uri, "base": SMALL + [f"pipeline.artifact_root={d / 'artifacts'}",
-                                                        f"pipeline.mlflow_tracking_uri={uri}"],
-               "api_url": PREFECT_API_URL.value()}
+        yield {
+            "dir": d,
+            "uri": uri,
+            "base": SMALL + [f"pipeline.artifact_root={d / 'artifacts'}", f"pipeline.mlflow_tracking_uri={uri}"],
+            "api_url": PREFECT_API_URL.value(),
+        }
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def run(overrides: list[str]):
@@ -64,7 +113,9 @@ def task_states(flow_run_id, since: datetime | None = None, expect: int = 1) -> 
         while True:
             runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
             runs = [r for r in runs if since is None or r.created > since]
-            if len(runs) >= expect and all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            if (
+                len(runs) >= expect and all(r.state and r.state.is_final() for r in runs)
+            ) or time.monotonic() > deadline:
                 return {_stage(r.name): r.state.name for r in runs}
             time.sleep(0.5)
 
@@ -79,14 +130,18 @@ def first(space):
     state = run(space["base"])
     assert state.is_completed(), state.message
     fid = state.state_details.flow_run_id
-    return {"result": state.result(), "flow_run_id": fid,
-            "stages": task_states(fid, expect=len(FIRST_STAGES))}
+    return {"result": state.result(), "flow_run_id": fid, "stages": task_states(fid, expect=len(FIRST_STAGES))}
 
 
 def test_first_run_computes_every_stage_and_registers_a_champion(space, first):
     r = first["result"]
     assert first["stages"] == dict.fromkeys(FIRST_STAGES, "Completed")
-    assert r["registered_model"] == NAME and r["version"] == "1" and r["promoted"] and r["gate_reason"] == "no champion yet"
+    assert (
+        r["registered_model"] == NAME
+        and r["version"] == "1"
+        and r["promoted"]
+        and r["gate_reason"] == "no champion yet"
+    )
     assert set(r["scores"]) == {"arithmetic"} and set(r["scores"]["arithmetic"]) == {"base", "trained"}
     c = MlflowClient(space["uri"], space["uri"])
     v = c.get_model_version(NAME, "1")
@@ -106,6 +161,7 @@ def test_the_mlflow_run_holds_config_metrics_datasets_report_and_checkpoint(spac
     assert run_.info.status == "FINISHED"
     assert run_.data.params["train.steps"] == "3" and run_.data.params["pipeline.registered_model"] == NAME
     assert run_.data.tags["prefect.flow_run_id"] == str(first["flow_run_id"])
+    assert run_.data.tags["version.transformers"] == importlib.metadata.version("transformers")
     assert [m.step for m in c.get_metric_history(run_.info.run_id, "reward_mean")] == [1, 2, 3]
     assert len(c.get_metric_history(run_.info.run_id, "warm_start/sft_loss")) == 20
     delta = r["scores"]["arithmetic"]["trained"] - r["scores"]["arithmetic"]["base"]
@@ -115,7 +171,22 @@ def test_the_mlflow_run_holds_config_metrics_datasets_report_and_checkpoint(spac
     logged = {a.path for a in c.list_artifacts(run_.info.run_id)}
     assert {"config.yaml", "report", "checkpoint"} <= logged
     assert {"report/report.html", "report/report.md", "report/training.png"} <= {
-        a.path for a in c.list_artifacts(run_.info.run_id, "report")}
+        a.path for a in c.list_artifacts(run_.info.run_id, "report")
+    }
+
+
+def test_the_librarys_log_records_are_in_the_flow_runs_log(first):
+    """tasks/ hands the gspo and rewards loggers to Prefect: what the library logs inside a stage is in the flow
+    run's log (the UI), beside the stages' own records."""
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as c:
+        logs = c.read_logs(
+            log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[first["flow_run_id"]]), level=LogFilterLevel(ge_=logging.INFO)
+            )
+        )
+    scored = [x.message for x in logs if x.name == "gspo.evaluate"]
+    assert any(m.startswith("arithmetic: score ") for m in scored), sorted({x.name for x in logs})
 
 
 def test_report_is_markdown_plus_a_self_contained_html_page(first):
@@ -124,9 +195,12 @@ def test_report_is_markdown_plus_a_self_contained_html_page(first):
     assert "| task | metric | base | GSPO | trained - base |" in md and "| arithmetic | score |" in md
     assert "arithmetic, exact-match accuracy of the greedy answer on 20 held-out arithmetic problems" in md
     assert "![training.png](training.png)" in md and (Path(r["report"]).parent / "training.png").is_file()
+    assert f"torch {importlib.metadata.version('torch')}" in md.split("## Versions")[1]
     assert page.count('src="data:image/png;base64,') == 2 and page.count("src=") == 2
     with get_client(sync_client=True) as c:
-        arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first["flow_run_id"]])))
+        arts = c.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first["flow_run_id"]]))
+        )
     kinds = {(a.type, a.key) for a in arts}
     assert ("markdown", "gspo-report") in kinds
     progress = [a for a in arts if a.type == "progress"]
@@ -230,8 +304,10 @@ def test_a_rerun_after_the_champion_moved_states_the_registry_as_it_is(space, fi
     assert r["gate_reason"] in report
 
 
-GSM8K_ROWS = ['{"question": "Tom has 2 apples and buys 2 more. How many apples?", "answer": "2+2=4\\n#### 4"}',
-              '{"question": "What is 3 times 3?", "answer": "3*3=9\\n#### 9"}']
+GSM8K_ROWS = [
+    '{"question": "Tom has 2 apples and buys 2 more. How many apples?", "answer": "2+2=4\\n#### 4"}',
+    '{"question": "What is 3 times 3?", "answer": "3*3=9\\n#### 9"}',
+]
 
 
 def test_a_broken_eval_file_fails_before_the_first_stage(space, first, tmp_path):
@@ -263,10 +339,16 @@ def test_a_failed_evaluation_is_retried_without_recomputing_finished_stages(spac
     assert mlrun.info.status == "FAILED" and f"{data}:2: invalid JSON" in mlrun.data.tags["gspo.end"]
 
     data.write_text("\n".join(GSM8K_ROWS) + "\n")
-    since = datetime.now(timezone.utc)
+    since = datetime.now(UTC)
     env = {**os.environ, "PREFECT_API_URL": space["api_url"], "PREFECT_HOME": str(space["dir"] / "prefect")}
-    retry = subprocess.run([sys.executable, "-m", "gspo_cli", "retry", str(fid)], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=600)
+    retry = subprocess.run(
+        [sys.executable, "-m", "gspo_cli", "retry", str(fid)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
     assert json.loads(retry.stdout.splitlines()[-1])["flow_run_id"] == str(fid)
     after = task_states(fid, since=since, expect=len(FIRST_STAGES) + 2)
@@ -290,8 +372,10 @@ def test_a_stage_whose_files_are_gone_or_damaged_runs_again(space, first):
     assert stages["prepare-data"] == stages["warm-start"] == stages["evaluate-arithmetic-base"] == "Cached"
     again = state.result()
     assert Path(again["report"]).is_file() and again["checkpoint"] == r["checkpoint"]
-    assert dir_hash(again["checkpoint"]) == MlflowClient(space["uri"], space["uri"]).get_model_version(
-        NAME, again["version"]).tags["checkpoint_hash"]
+    assert (
+        dir_hash(again["checkpoint"])
+        == MlflowClient(space["uri"], space["uri"]).get_model_version(NAME, again["version"]).tags["checkpoint_hash"]
+    )
 
 
 def test_two_configs_at_once_keep_their_own_artifacts_and_runs(space):
@@ -302,12 +386,23 @@ def test_two_configs_at_once_keep_their_own_artifacts_and_runs(space):
     lrs = ("7e-4", "9e-4")
     env = dict(os.environ, PREFECT_API_URL=space["api_url"], PYTHONUNBUFFERED="1")
     MlflowClient(space["uri"]).search_experiments()  # an existing store, as in production: created and migrated once
-    procs = [subprocess.Popen([sys.executable, "-m", "gspo_cli", "run"]
-                              + sum((["--set", o] for o in space["base"] + [f"pipeline.registered_model={name}",
-                                                                            f"optim.lr={lr}", f"warm_start.steps={ws}",
-                                                                            "train.steps=2"]), []),
-                              cwd=space["dir"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for lr, ws in zip(lrs, (20, 24))]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gspo_cli", "run"]
+            + [
+                a
+                for o in space["base"]
+                + [f"pipeline.registered_model={name}", f"optim.lr={lr}", f"warm_start.steps={ws}", "train.steps=2"]
+                for a in ("--set", o)
+            ],
+            cwd=space["dir"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for lr, ws in zip(lrs, (20, 24))
+    ]
     outs = [p.communicate(timeout=900) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outs]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]

@@ -1,9 +1,9 @@
 """prefect.yaml: every deployment's entrypoint imports as a flow and takes every parameter it is given."""
+
 import inspect
 from pathlib import Path
 
 import yaml
-
 from prefect.flows import Flow, load_flow_from_entrypoint
 
 ROOT = Path(__file__).resolve().parents[1]

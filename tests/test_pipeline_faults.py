@@ -3,6 +3,7 @@ two first runs at once in an empty directory, the MLflow store lost between runs
 command in a private directory (its own temporary Prefect server, sqlite MLflow store and artifact root)
 and checks what is left behind: no server process, no MLflow run stuck RUNNING, and nothing lost (the rerun
 or the printed retry command completes, reusing what had finished)."""
+
 import json
 import os
 import shutil
@@ -19,9 +20,22 @@ import pytest
 pytestmark = pytest.mark.slow
 
 # A short warm start and a small GSPO run on 2 CPU cores; LONG gives a killed run time to be mid-training.
-SMALL = ["warm_start.steps=10", "warm_start.batch_size=8", "train.steps=3", "train.eval_every=0", "train.threads=1",
-         "train.checkpoint_every=5", "gspo.prompts_per_step=4", "gspo.group_size=4", "gspo.max_new_tokens=4",
-         "data.eval_size=10", "eval.limit=10", "eval.max_new_tokens=4", "eval.batch_size=10", "optim.lr=1e-3"]
+SMALL = [
+    "warm_start.steps=10",
+    "warm_start.batch_size=8",
+    "train.steps=3",
+    "train.eval_every=0",
+    "train.threads=1",
+    "train.checkpoint_every=5",
+    "gspo.prompts_per_step=4",
+    "gspo.group_size=4",
+    "gspo.max_new_tokens=4",
+    "data.eval_size=10",
+    "eval.limit=10",
+    "eval.max_new_tokens=4",
+    "eval.batch_size=10",
+    "optim.lr=1e-3",
+]
 LONG = SMALL + ["train.steps=150"]
 
 
@@ -30,7 +44,7 @@ def gspo(cwd: Path, *args: str, overrides=SMALL) -> subprocess.Popen:
     cwd/.gspo. Output goes to cwd/out.txt and cwd/err.txt."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "-m", "gspo_cli", *args, *sum((["--set", o] for o in overrides), [])]
+    cmd = [sys.executable, "-m", "gspo_cli", *args, *(a for o in overrides for a in ("--set", o))]
     with open(cwd / "out.txt", "w") as out, open(cwd / "err.txt", "w") as err:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
 
@@ -124,9 +138,16 @@ def two_first_runs(tmp_path_factory) -> tuple[Path, list[dict]]:
         (d / name).mkdir()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
         with open(d / name / "out.txt", "w") as out, open(d / name / "err.txt", "w") as err:
-            procs.append(subprocess.Popen([sys.executable, "-m", "gspo_cli", "run",
-                                           *sum((["--set", o] for o in SMALL), [])], cwd=d, env=env,
-                                          stdout=out, stderr=err, stdin=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "gspo_cli", "run", *(a for o in SMALL for a in ("--set", o))],
+                    cwd=d,
+                    env=env,
+                    stdout=out,
+                    stderr=err,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
     results = []
     for name, p in zip(("a", "b"), procs):
         p.wait(900)

@@ -1,10 +1,13 @@
 """Stage directories: built aside and renamed into place, built once when runs race, resumable work kept."""
+
 import threading
 import time
 
 import pytest
 
 import tasks  # noqa: F401  (offline Prefect / MLflow defaults before prefect is imported)
+
+# isort: split
 from gspo.config import load_config
 from tasks.common import FilesRead, build, damaged, pick
 

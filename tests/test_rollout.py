@@ -20,9 +20,10 @@ def test_greedy_decoding_matches_transformers_generate(tiny):
     model, tok = tiny
     ours = generate(model, tok, PROMPTS, 1, 6, do_sample=False)
     enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
-    ref = model.generate(**enc, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)
-    assert ours.texts == tok.batch_decode(ref[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    ref = model.generate(
+        **enc, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )
+    assert ours.texts == tok.batch_decode(ref[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_sampling_does_not_depend_on_batch_composition(tiny):
@@ -68,8 +69,15 @@ def test_sampler_log_probs_equal_a_fresh_forward(tiny):
     model, tok = tiny
     roll = generate(model, tok, PROMPTS, 2, 6, temperature=0.7, row_seeds=torch.arange(len(PROMPTS) * 2))
     with torch.no_grad():
-        logp, ent = token_logprobs(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids,
-                                   roll.completion_mask, temperature=0.7, with_entropy=True)
+        logp, ent = token_logprobs(
+            model,
+            roll.prompt_ids,
+            roll.prompt_mask,
+            roll.completion_ids,
+            roll.completion_mask,
+            temperature=0.7,
+            with_entropy=True,
+        )
     m = roll.completion_mask.bool()
     assert torch.allclose(roll.logp[m], logp[m], atol=1e-5)
     assert torch.allclose(roll.entropy[m], ent[m], atol=1e-5)
@@ -108,8 +116,17 @@ def test_evaluation_and_the_held_out_reward_decode_as_gspo_decode_says(tmp_path)
     examples = test_set(6, 0, 20, "+-")
     scores = {}
     for decode in ("eager", "static"):
-        cfg = load_config(None, [f"gspo.decode={decode}", "gspo.max_new_tokens=20", "eval.max_new_tokens=20",
-                                 "eval.limit=6", "train.threads=1", "train.device=cpu"])
+        cfg = load_config(
+            None,
+            [
+                f"gspo.decode={decode}",
+                "gspo.max_new_tokens=20",
+                "eval.max_new_tokens=20",
+                "eval.limit=6",
+                "train.threads=1",
+                "train.device=cpu",
+            ],
+        )
         graphs = counters["stats"]["unique_graphs"]
         held_out = greedy_reward(model, tok, examples, cfg)
         task = evaluate_task(d, "arithmetic", cfg, predictions_path=tmp_path / f"{decode}.jsonl")

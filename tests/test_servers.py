@@ -3,6 +3,7 @@ directory) and `prefect server start`, the deployments of prefect.yaml, `gspo wo
 SIGTERM, idle and in the middle of a flow run. The MLflow server stopping during registration: a short outage
 is bridged; a longer one fails the stage after pipeline.mlflow_wait, naming the server, with the trained
 checkpoint kept, and a rerun after the restart registers it once."""
+
 import json
 import os
 import signal
@@ -18,6 +19,8 @@ import psutil
 import pytest
 
 import tasks  # noqa: F401  (offline Prefect / MLflow defaults before prefect is imported)
+
+# isort: split
 import mlflow.artifacts
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
@@ -34,15 +37,46 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the prefect and mlflow commands of this environment
 POOL = "gspo-process"
 # Under a minute of stages on 2 CPU cores: a short warm start, 2 GSPO steps, 10 problems of one eval task.
-SMALL = ["model.name=tiny", "warm_start.steps=20", "warm_start.batch_size=8", "train.steps=2", "train.eval_every=2",
-         "train.threads=1", "train.progress=false", "gspo.prompts_per_step=4", "gspo.group_size=4",
-         "gspo.max_new_tokens=4", "data.eval_size=10", "eval.tasks=[arithmetic]", "eval.limit=10",
-         "eval.max_new_tokens=4", "eval.batch_size=10", "pipeline.gate_metric=arithmetic",
-         "pipeline.compare_grpo=false"]
-STAGES = {"prepare-data", "snapshot-model", "warm-start", "train-gspo", "register-checkpoint",
-          "evaluate-arithmetic-base", "evaluate-arithmetic-trained", "promotion-gate", "report"}
-LINEAGE = {"dataset_hash", "config_hash", "base_model", "reference_hash", "selected_checkpoint", "code_version",
-           "checkpoint_hash", "prefect_flow_run_id"}
+SMALL = [
+    "model.name=tiny",
+    "warm_start.steps=20",
+    "warm_start.batch_size=8",
+    "train.steps=2",
+    "train.eval_every=2",
+    "train.threads=1",
+    "train.progress=false",
+    "gspo.prompts_per_step=4",
+    "gspo.group_size=4",
+    "gspo.max_new_tokens=4",
+    "data.eval_size=10",
+    "eval.tasks=[arithmetic]",
+    "eval.limit=10",
+    "eval.max_new_tokens=4",
+    "eval.batch_size=10",
+    "pipeline.gate_metric=arithmetic",
+    "pipeline.compare_grpo=false",
+]
+STAGES = {
+    "prepare-data",
+    "snapshot-model",
+    "warm-start",
+    "train-gspo",
+    "register-checkpoint",
+    "evaluate-arithmetic-base",
+    "evaluate-arithmetic-trained",
+    "promotion-gate",
+    "report",
+}
+LINEAGE = {
+    "dataset_hash",
+    "config_hash",
+    "base_model",
+    "reference_hash",
+    "selected_checkpoint",
+    "code_version",
+    "checkpoint_hash",
+    "prefect_flow_run_id",
+}
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +93,15 @@ class Proc:
     def __init__(self, name: str, args: list, env: dict, logs: Path):
         self.name, self.log = name, logs / f"{name}.log"
         with open(self.log, "ab") as out:
-            self.p = subprocess.Popen([str(a) for a in args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+            self.p = subprocess.Popen(
+                [str(a) for a in args],
+                env=env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def tail(self, lines: int = 30) -> str:
         text = self.log.read_text(errors="replace").splitlines()[-lines:]
@@ -109,18 +150,41 @@ def cli(name: str, args: list, env: dict, logs: Path, timeout: float = 180) -> N
     """A command run to completion; its output goes to logs/<name>.log and, on failure, into the assertion."""
     log = logs / f"{name}.log"
     with open(log, "ab") as out:
-        r = subprocess.run([str(a) for a in args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                           stdin=subprocess.DEVNULL, timeout=timeout, start_new_session=True)
+        r = subprocess.run(
+            [str(a) for a in args],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            start_new_session=True,
+        )
     assert r.returncode == 0, f"{' '.join(map(str, args))} exited with {r.returncode}\n{log.read_text()[-4000:]}"
 
 
 def mlflow_server(d: Path, port: int, logs: Path) -> Proc:
     """`mlflow server` on loopback: sqlite store, artifacts proxied by the server into a local directory."""
-    return Proc("mlflow-server", [BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-                                  "--artifacts-destination", d / "mlartifacts", "--host", "127.0.0.1",
-                                  "--port", port, "--workers", 1],
-                # The job runner (GenAI scorers, trace rollups) is unused here and would start five more processes.
-                {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, logs)
+    return Proc(
+        "mlflow-server",
+        [
+            BIN / "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{d / 'mlflow.db'}",
+            "--artifacts-destination",
+            d / "mlartifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--workers",
+            1,
+        ],
+        # The job runner (GenAI scorers, trace rollups) is unused here and would start five more processes.
+        {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        logs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -132,17 +196,34 @@ def servers(tmp_path_factory):
     logs.mkdir()
     prefect_port, mlflow_port = free_port(), free_port()
     api = f"http://127.0.0.1:{prefect_port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(d / "prefect"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
-           # The deployment's nightly schedule must not start a full-size run during the test.
-           "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-           "PREFECT_WORKER_QUERY_SECONDS": "1", "GSPO_PROJECT_DIR": str(ROOT)}
-    s = {"dir": d, "logs": logs, "env": env, "api": api, "mlflow_port": mlflow_port,
-         "mlflow": f"http://127.0.0.1:{mlflow_port}", "procs": {}}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(d / "prefect"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        # The deployment's nightly schedule must not start a full-size run during the test.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "GSPO_PROJECT_DIR": str(ROOT),
+    }
+    s = {
+        "dir": d,
+        "logs": logs,
+        "env": env,
+        "api": api,
+        "mlflow_port": mlflow_port,
+        "mlflow": f"http://127.0.0.1:{mlflow_port}",
+        "procs": {},
+    }
     t0 = time.perf_counter()
     try:
-        s["procs"]["prefect-server"] = Proc("prefect-server", [BIN / "prefect", "server", "start", "--host",
-                                                               "127.0.0.1", "--port", prefect_port], env, logs)
+        s["procs"]["prefect-server"] = Proc(
+            "prefect-server",
+            [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", prefect_port],
+            env,
+            logs,
+        )
         s["procs"]["mlflow-server"] = mlflow_server(d, mlflow_port, logs)
         s["procs"]["prefect-server"].wait_http(f"{api}/health")
         s["procs"]["mlflow-server"].wait_http(f"{s['mlflow']}/health")
@@ -178,7 +259,9 @@ def task_runs(flow_run_id, expect: int) -> dict:
     with get_client(sync_client=True) as c:
         while True:
             runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if len(runs) >= expect and all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            if (
+                len(runs) >= expect and all(r.state and r.state.is_final() for r in runs)
+            ) or time.monotonic() > deadline:
                 return {_stage(r.name): r for r in runs}
             time.sleep(0.5)
 
@@ -193,15 +276,19 @@ def test_a_worker_runs_the_deployment_against_both_servers(servers):
     prefect = BIN / "prefect"
     t0 = time.perf_counter()
     cli("work-pool", [prefect, "--no-prompt", "work-pool", "create", POOL, "--type", "process"], env, logs)
-    procs["worker"] = Proc("worker", [sys.executable, "-m", "gspo_cli", "worker", "--pool", POOL, "--limit", 1], env,
-                           logs)
+    procs["worker"] = Proc(
+        "worker", [sys.executable, "-m", "gspo_cli", "worker", "--pool", POOL, "--limit", 1], env, logs
+    )
     cli("deploy", [prefect, "--no-prompt", "deploy", "--all"], env, logs)
     deployed = time.perf_counter() - t0
 
     # The deployment's own config file, made small; the stores are the servers and a private artifact root.
     name = "gspo-served"
-    overrides = SMALL + [f"pipeline.mlflow_tracking_uri={servers['mlflow']}", f"pipeline.registered_model={name}",
-                         f"pipeline.artifact_root={servers['dir'] / 'artifacts'}"]
+    overrides = SMALL + [
+        f"pipeline.mlflow_tracking_uri={servers['mlflow']}",
+        f"pipeline.registered_model={name}",
+        f"pipeline.artifact_root={servers['dir'] / 'artifacts'}",
+    ]
     fr = run_deployment("train-eval/train-eval", parameters={"overrides": overrides}, timeout=600, poll_interval=1)
     seconds = time.perf_counter() - t0 - deployed
     print(f"work pool, deploy and worker start {deployed:.0f} s; deployment run {seconds:.0f} s")
@@ -213,15 +300,18 @@ def test_a_worker_runs_the_deployment_against_both_servers(servers):
     c = MlflowClient(servers["mlflow"], servers["mlflow"])
     v = c.get_model_version_by_alias(name, "candidate")
     assert v.version == "1" and registry.aliases(c, name) == {"candidate": "1", "champion": "1"}
-    assert LINEAGE <= set(v.tags) and v.tags["prefect_flow_run_id"] == str(fr.id)
+    assert set(v.tags) >= LINEAGE and v.tags["prefect_flow_run_id"] == str(fr.id)
     assert v.tags["base_model"].startswith("tiny@")
     run_ = c.get_run(v.run_id)
     assert run_.info.status == "FINISHED" and run_.data.tags["prefect.flow_run_id"] == str(fr.id)
     # The checkpoint went through the server into its artifact directory and comes back identical.
     assert run_.info.artifact_uri.startswith("mlflow-artifacts:/")
     assert list((servers["dir"] / "mlartifacts").rglob("checkpoint/config.json"))
-    got = mlflow.artifacts.download_artifacts(artifact_uri=c.get_model_version_download_uri(name, v.version),
-                                              tracking_uri=servers["mlflow"], dst_path=str(servers["dir"] / "download"))
+    got = mlflow.artifacts.download_artifacts(
+        artifact_uri=c.get_model_version_download_uri(name, v.version),
+        tracking_uri=servers["mlflow"],
+        dst_path=str(servers["dir"] / "download"),
+    )
     assert dir_hash(got) == v.tags["checkpoint_hash"]
 
     listening = listening_addresses(procs.values())
@@ -232,13 +322,19 @@ def test_the_worker_stops_on_sigterm_and_closes_the_flow_run_it_was_running(serv
     env, logs, procs = servers["env"], servers["logs"], servers["procs"]
     worker = procs["worker"]
     name = "gspo-stopped"
-    overrides = SMALL + [f"pipeline.mlflow_tracking_uri={servers['mlflow']}", f"pipeline.registered_model={name}",
-                         f"pipeline.artifact_root={servers['dir'] / 'artifacts-stopped'}", "train.steps=400"]
+    overrides = SMALL + [
+        f"pipeline.mlflow_tracking_uri={servers['mlflow']}",
+        f"pipeline.registered_model={name}",
+        f"pipeline.artifact_root={servers['dir'] / 'artifacts-stopped'}",
+        "train.steps=400",
+    ]
     fr = run_deployment("train-eval/train-eval", parameters={"overrides": overrides}, timeout=0)
     deadline = time.monotonic() + 300
     with get_client(sync_client=True) as c:
-        while not any(r.name == "train-gspo" for r in c.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))):
+        while not any(
+            r.name == "train-gspo"
+            for r in c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
+        ):
             assert time.monotonic() < deadline, f"training never started\n{logs_tail(servers)}"
             time.sleep(1)
         worker.p.send_signal(signal.SIGTERM)
@@ -249,26 +345,34 @@ def test_the_worker_stops_on_sigterm_and_closes_the_flow_run_it_was_running(serv
     [run_] = c.search_runs([c.get_experiment_by_name("gspo").experiment_id], f"tags.`prefect.flow_run_id` = '{fr.id}'")
     assert run_.info.status == "FAILED"
     # A new worker for the tests after this one.
-    procs["worker"] = Proc("worker", [sys.executable, "-m", "gspo_cli", "worker", "--pool", POOL, "--limit", 1], env,
-                           logs)
+    procs["worker"] = Proc(
+        "worker", [sys.executable, "-m", "gspo_cli", "worker", "--pool", POOL, "--limit", 1], env, logs
+    )
 
 
 def _registration(servers, monkeypatch, on_running, overrides) -> tuple:
     """train_eval with `on_running` hooked to the registration stage; (state, its stage runs)."""
-    monkeypatch.setattr(registry, "register_checkpoint", registry.register_checkpoint.with_options(on_running=[on_running]))
+    monkeypatch.setattr(
+        registry, "register_checkpoint", registry.register_checkpoint.with_options(on_running=[on_running])
+    )
     state = train_eval(overrides=overrides, return_state=True)
     monkeypatch.undo()
     return state, task_runs(state.state_details.flow_run_id, expect=5)
 
 
 def _overrides(servers, name: str, root: Path, wait: float) -> list[str]:
-    return SMALL + [f"pipeline.mlflow_tracking_uri={servers['mlflow']}", f"pipeline.artifact_root={root}",
-                    f"pipeline.registered_model={name}", f"pipeline.mlflow_wait={wait}"]
+    return SMALL + [
+        f"pipeline.mlflow_tracking_uri={servers['mlflow']}",
+        f"pipeline.artifact_root={root}",
+        f"pipeline.registered_model={name}",
+        f"pipeline.mlflow_wait={wait}",
+    ]
 
 
 def _restart_mlflow(servers) -> None:
-    restarted = servers["procs"]["mlflow-server"] = mlflow_server(servers["dir"], servers["mlflow_port"],
-                                                                  servers["logs"])
+    restarted = servers["procs"]["mlflow-server"] = mlflow_server(
+        servers["dir"], servers["mlflow_port"], servers["logs"]
+    )
     restarted.wait_http(f"{servers['mlflow']}/health")
 
 
@@ -287,8 +391,9 @@ def test_a_short_mlflow_outage_during_registration_is_bridged(servers, tmp_path,
     assert c.get_run(state.result()["mlflow_run_id"]).info.status == "FINISHED"
 
 
-def test_mlflow_server_down_longer_than_the_wait_fails_the_stage_and_a_rerun_registers_once(servers, tmp_path,
-                                                                                         monkeypatch):
+def test_mlflow_server_down_longer_than_the_wait_fails_the_stage_and_a_rerun_registers_once(
+    servers, tmp_path, monkeypatch
+):
     uri, name, root = servers["mlflow"], "gspo-fault", tmp_path / "artifacts"
 
     def stop_server(task, task_run, state):
@@ -297,8 +402,12 @@ def test_mlflow_server_down_longer_than_the_wait_fails_the_stage_and_a_rerun_reg
     state, runs = _registration(servers, monkeypatch, stop_server, _overrides(servers, name, root, 3))
     assert state.is_failed(), f"{state}\n{logs_tail(servers)}"
     assert {s: r.state.name for s, r in runs.items()} == {
-        "prepare-data": "Completed", "snapshot-model": "Completed", "warm-start": "Completed",
-        "train-gspo": "Completed", "register-checkpoint": "Failed"}
+        "prepare-data": "Completed",
+        "snapshot-model": "Completed",
+        "warm-start": "Completed",
+        "train-gspo": "Completed",
+        "register-checkpoint": "Failed",
+    }
     message = runs["register-checkpoint"].state.message
     assert f"MLflow tracking store {uri} did not answer for" in message and "pipeline.mlflow_wait=3" in message
     assert "then retry" in message

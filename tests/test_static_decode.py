@@ -9,8 +9,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from gspo.models import load_tokenizer
 from gspo.rollout import encode_prompts, sample
-from gspo.static_decode import (CHECK_EVERY, StaticDecodeUnavailable, _pools, length_bucket, row_bucket,
-                                 sample_static)
+from gspo.static_decode import CHECK_EVERY, StaticDecodeUnavailable, _pools, length_bucket, row_bucket, sample_static
 from gspo.tiny import build_model, save_tiny
 
 # Prompts of different lengths, so the batch is left-padded; each is continued by 3 rows.
@@ -92,7 +91,10 @@ def test_finished_rows_leave_the_batch_and_the_tokens_stay_the_eager_ones(tiny):
     rows = torch.arange(48) % len(PROMPTS)
     seeds = torch.arange(48) + 7
     n = 3 * CHECK_EVERY
-    args = lambda eos: (model, ids, attn, n, eos, tok.pad_token_id, 1.0, 1.0, seeds)
+
+    def args(eos):
+        return (model, ids, attn, n, eos, tok.pad_token_id, 1.0, 1.0, seeds)
+
     free = sample(*args({model.config.vocab_size}), rows=rows)[0]
     early = free[:, :CHECK_EVERY]
     eos: set[int] = set()
@@ -113,11 +115,20 @@ def test_finished_rows_leave_the_batch_and_the_tokens_stay_the_eager_ones(tiny):
 
 
 def test_sliding_window_models_are_refused_with_the_config_field():
-    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    cfg = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+    )
     model = Qwen2ForCausalLM(cfg).eval()
     ids = torch.randint(2, 64, (2, 5))
-    with pytest.raises(StaticDecodeUnavailable, match="gspo.decode"):
+    with pytest.raises(StaticDecodeUnavailable, match=r"gspo\.decode"):
         sample_static(model, ids, torch.ones_like(ids), 4, {1}, 0, compile=False)
 
 
@@ -131,8 +142,13 @@ def test_compiled_step_decodes_what_the_eager_decoder_does_and_follows_weight_up
     ids = torch.randint(2, 64, (3, 10), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)
     attn[0, :4] = 0
-    args = lambda n, eos=frozenset({64}): (model, ids, attn, CHECK_EVERY + 4, eos, 0, 1.0, 1.0, torch.arange(n))
-    rows = lambda n: torch.arange(n) % 3
+
+    def args(n, eos=frozenset({64})):
+        return (model, ids, attn, CHECK_EVERY + 4, eos, 0, 1.0, 1.0, torch.arange(n))
+
+    def rows(n):
+        return torch.arange(n) % 3
+
     graphs = counters["stats"]["unique_graphs"]
     before = sample_static(*args(3), rows=rows(3))
     assert_same(sample(*args(3), rows=rows(3)), before)
@@ -156,10 +172,15 @@ def test_compiled_step_decodes_what_the_eager_decoder_does_and_follows_weight_up
     assert eager[0].shape[1] > CHECK_EVERY and counters["stats"]["unique_graphs"] == graphs + 3
 
 
+@pytest.mark.slow  # the bench script in a subprocess
 def test_decode_speed_bench_smoke(tmp_path):
     out = tmp_path / "decode.json"
-    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--rows", "4,12", "--eager-tokens", "20", "--out",
-                          str(out)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--rows", "4,12", "--eager-tokens", "20", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
     assert lines[-1].startswith("ratio=") and lines[-2].startswith("| tiny | 12 |")
@@ -169,8 +190,10 @@ def test_decode_speed_bench_smoke(tmp_path):
     for r in by_rows.values():
         assert r["static_tokens_per_s"] > 0 and r["eager_tokens_per_s"] > 0 and r["eager_tokens"] == 20
     # fp32 on the CPU: the two decoders agree exactly, before and after the weights change in place.
-    for a in ([r["static_vs_eager"] for r in by_rows.values()] + [data["exactness_fp32"]["before_update"],
-                                                                  data["exactness_fp32"]["after_update"]]):
+    for a in [r["static_vs_eager"] for r in by_rows.values()] + [
+        data["exactness_fp32"]["before_update"],
+        data["exactness_fp32"]["after_update"],
+    ]:
         assert a["identical_fraction"] == 1.0 and a["max_abs_logp_diff_before_divergence"] <= 1e-5
     assert data["exactness_fp32"]["static_changed_with_weights"]
 
@@ -182,7 +205,7 @@ def test_decode_attention_groups_query_heads_instead_of_copying_the_cache(tiny):
 
     from gspo.static_decode import GROUPED, _grouped_sdpa
 
-    model, tok, ids, attn, rows = tiny
+    model, tok, ids, attn, _rows = tiny
     attention = model.model.layers[0].self_attn
     assert attention.num_key_value_groups > 1
     seen = []
@@ -196,10 +219,13 @@ def test_decode_attention_groups_query_heads_instead_of_copying_the_cache(tiny):
     q, k, v = (torch.randn(3, h, n, 16, generator=g) for h, n in ((4, 1), (2, 9), (2, 9)))
     mask = torch.rand(3, 1, 1, 9, generator=g) > 0.3
     ours, _ = _grouped_sdpa(attention, q, k, v, mask, scaling=0.25)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=mask,
-                                                           scale=0.25).transpose(1, 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=mask, scale=0.25
+    ).transpose(1, 2)
     assert torch.allclose(ours, ref, atol=1e-6)
     # More than one query token is transformers' own sdpa.
     q2 = torch.randn(3, 4, 2, 16, generator=g)
-    assert torch.equal(_grouped_sdpa(attention, q2, k, v, None, scaling=0.25)[0],
-                       sdpa_attention_forward(attention, q2, k, v, None, scaling=0.25)[0])
+    assert torch.equal(
+        _grouped_sdpa(attention, q2, k, v, None, scaling=0.25)[0],
+        sdpa_attention_forward(attention, q2, k, v, None, scaling=0.25)[0],
+    )

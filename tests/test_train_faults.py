@@ -1,5 +1,6 @@
 """Faults around `gspo train`: signals, torn and corrupt files, exploding weights, leftovers, two trainers, a
 changed configuration. Nothing may be lost, nothing half-written may be trusted, and every error is one line."""
+
 import dataclasses
 import json
 import logging
@@ -7,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from test_trainer import SMALL, _dense, _weights
 
 import rewards
 from gspo import checkpoint
@@ -21,7 +22,6 @@ from gspo.data import prepare_splits
 from gspo.errors import Diverged, Stopped
 from gspo.tiny import save_tiny
 from gspo.trainer import train
-from test_trainer import SMALL, _dense, _weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,12 +36,21 @@ def tiny_dir(tmp_path_factory):
 ARMED = {"at": None, "calls": 0}
 
 
-@rewards.register("test_fault_even_length")
 def _even_length_or_signal(completion, example):
     ARMED["calls"] += 1
     if ARMED["calls"] == ARMED["at"]:
         os.kill(os.getpid(), signal.SIGTERM)
     return rewards.RewardResult(float(len(completion) % 2 == 0))
+
+
+# Module scope, set up before the module's other fixtures: `straight` trains with it.
+@pytest.fixture(scope="module", autouse=True)
+def fault_reward():
+    with rewards.registered("test_fault_even_length", _even_length_or_signal):
+        yield
+
+
+pytestmark = pytest.mark.usefixtures("even_length_reward")
 
 
 def _examples(s):
@@ -65,6 +74,7 @@ def interrupt_at(step):
     def on_step(m):
         if m["step"] == step:
             raise Interrupted
+
     return on_step
 
 
@@ -103,8 +113,15 @@ def test_a_signal_during_the_updates_finishes_the_step_and_resume_is_exact(tiny_
 
 def _cli(args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "gspo_cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gspo_cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        **kw,
+    )
 
 
 def _config_file(tmp_path, cfg):
@@ -125,7 +142,7 @@ def _wait_for(proc, text: str) -> list[str]:
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_says_where_and_exits_143_and_resume_matches(tiny_dir, tmp_path, straight):
-    cfg, _, _, final = straight
+    cfg, _, _, _ = straight
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=0, steps=400))
     path = _config_file(tmp_path, cfg)
     out = tmp_path / "run"
@@ -224,8 +241,17 @@ def test_exploding_weights_stop_training_and_nothing_is_saved(tiny_dir, tmp_path
 def test_exploding_weights_via_the_cli_are_one_line_and_exit_1(tmp_path):
     """The demo's case: after a short warm start some sums come out right, so groups have mixed rewards and the
     first update at lr 1e8 explodes the weights. Nothing may be saved and the error is one line."""
-    cfg = load_config(None, SMALL + ["optim.lr=1e8", "warm_start.steps=150", "warm_start.lr=2e-3",
-                                     "gspo.prompts_per_step=16", "gspo.group_size=8"])
+    cfg = load_config(
+        None,
+        SMALL
+        + [
+            "optim.lr=1e8",
+            "warm_start.steps=150",
+            "warm_start.lr=2e-3",
+            "gspo.prompts_per_step=16",
+            "gspo.group_size=8",
+        ],
+    )
     p = _cli(["train", "--config", str(_config_file(tmp_path, cfg)), "--output", str(tmp_path / "run")])
     out, err = p.communicate(timeout=600)
     assert p.returncode == 1 and out == "", err
@@ -238,8 +264,12 @@ def test_exploding_weights_via_the_cli_are_one_line_and_exit_1(tmp_path):
 def test_leftovers_of_killed_writes_are_removed_on_the_next_start(tiny_dir, tmp_path):
     cfg = load_config(None, SMALL + ["train.steps=1"])
     s = prepare_splits(cfg)
-    leftovers = [tmp_path / ".final-k2j3", tmp_path / ".best-x9", tmp_path / ".best.old-77",
-                 tmp_path / "checkpoints" / ".step-00000002-ab12"]
+    leftovers = [
+        tmp_path / ".final-k2j3",
+        tmp_path / ".best-x9",
+        tmp_path / ".best.old-77",
+        tmp_path / "checkpoints" / ".step-00000002-ab12",
+    ]
     for d in leftovers:
         (d / "model").mkdir(parents=True)
         (d / "model" / "model.safetensors").write_bytes(b"\0" * 1000)
@@ -250,13 +280,16 @@ def test_leftovers_of_killed_writes_are_removed_on_the_next_start(tiny_dir, tmp_
 def test_a_second_trainer_on_the_same_directory_is_refused_naming_the_holder(tiny_dir, tmp_path):
     cfg = load_config(None, SMALL + ["train.steps=1"])
     s = prepare_splits(cfg)
-    with checkpoint.RunLock(tmp_path):
-        with pytest.raises(ValueError, match=rf"is in use by another training process \(pid {os.getpid()}\)"):
-            train(cfg, tiny_dir, _dense(s.train), s.held_out, tmp_path)
+    with (
+        checkpoint.RunLock(tmp_path),
+        pytest.raises(ValueError, match=rf"is in use by another training process \(pid {os.getpid()}\)"),
+    ):
+        train(cfg, tiny_dir, _dense(s.train), s.held_out, tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
     train(cfg, tiny_dir, _dense(s.train), s.held_out, tmp_path)  # free again once the holder is done
 
 
+@pytest.mark.slow  # trainings through the command, in subprocesses
 def test_a_run_of_another_configuration_is_never_resumed_or_overwritten(tiny_dir, tmp_path):
     cfg = load_config(None, SMALL + ["train.steps=2"])
     s = prepare_splits(cfg)
@@ -271,5 +304,10 @@ def test_a_run_of_another_configuration_is_never_resumed_or_overwritten(tiny_dir
     after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before
     # what cannot change the result may change: threads, progress, checkpoint cadence
-    train(load_config(None, SMALL + ["train.steps=2", "train.threads=2", "train.checkpoint_every=1"]), tiny_dir,
-          _dense(s.train), s.held_out, tmp_path)
+    train(
+        load_config(None, SMALL + ["train.steps=2", "train.threads=2", "train.checkpoint_every=1"]),
+        tiny_dir,
+        _dense(s.train),
+        s.held_out,
+        tmp_path,
+    )

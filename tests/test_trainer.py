@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -7,32 +8,37 @@ import sys
 import time
 from pathlib import Path
 
-import dataclasses
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import rewards
 from gspo.config import load_config
 from gspo.data import prepare_splits
-from gspo.models import load_model, load_tokenizer, pick_device
+from gspo.models import load_model, load_tokenizer
 from gspo.tiny import save_tiny
 from gspo.trainer import PromptSampler, TrainState, train
 
 # A few-second configuration: the base tiny model, short completions, one thread for bitwise determinism.
-SMALL = ["train.steps=4", "gspo.prompts_per_step=4", "gspo.group_size=4", "gspo.max_new_tokens=4",
-         "train.eval_every=0", "train.checkpoint_every=2", "train.progress=false", "train.threads=1",
-         "data.eval_size=20", "optim.lr=1e-3", "optim.optimizer=adamw8bit"]
+SMALL = [
+    "train.steps=4",
+    "gspo.prompts_per_step=4",
+    "gspo.group_size=4",
+    "gspo.max_new_tokens=4",
+    "train.eval_every=0",
+    "train.checkpoint_every=2",
+    "train.progress=false",
+    "train.threads=1",
+    "data.eval_size=20",
+    "optim.lr=1e-3",
+    "optim.optimizer=adamw8bit",
+]
 
 
-@rewards.register("test_even_length")
-def _even_length(completion, example):
-    # A dense signal for an untrained model: about half its completions score 1, so advantages are non-zero.
-    return rewards.RewardResult(float(len(completion) % 2 == 0), "correct" if len(completion) % 2 == 0 else "wrong")
+pytestmark = pytest.mark.usefixtures("even_length_reward")
 
 
 def _dense(examples):
+    """The examples scored by the `test_even_length` reward (conftest's even_length_reward fixture)."""
     return [dataclasses.replace(e, task="test_even_length") for e in examples]
 
 
@@ -54,11 +60,34 @@ def test_metrics_cover_every_documented_signal(tiny_dir, tmp_path):
     assert res.steps == 2 and len(seen) == 2
     rows = [json.loads(line) for line in res.metrics_path.read_text().splitlines()]
     assert rows == json.loads(json.dumps(seen))
-    for key in ["reward_mean", "reward_std", "reward/arithmetic", "reward/test_even_length", "advantage_mean", "advantage_std", "ratio_mean",
-                "ratio_min", "ratio_max", "clip_frac", "clip_frac_low", "clip_frac_high", "kl", "entropy",
-                "completion_len_mean", "completion_len_max", "truncated_frac", "zero_std_group_frac", "grad_norm",
-                "lr", "skipped_updates", "tokens_per_s", "time_rollout_s", "time_reward_s", "time_update_s"]:
-        assert all(key in r for r in rows) or key.startswith("reward/") and any(key in r for r in rows), key
+    for key in [
+        "reward_mean",
+        "reward_std",
+        "reward/arithmetic",
+        "reward/test_even_length",
+        "advantage_mean",
+        "advantage_std",
+        "ratio_mean",
+        "ratio_min",
+        "ratio_max",
+        "clip_frac",
+        "clip_frac_low",
+        "clip_frac_high",
+        "kl",
+        "entropy",
+        "completion_len_mean",
+        "completion_len_max",
+        "truncated_frac",
+        "zero_std_group_frac",
+        "grad_norm",
+        "lr",
+        "skipped_updates",
+        "tokens_per_s",
+        "time_rollout_s",
+        "time_reward_s",
+        "time_update_s",
+    ]:
+        assert all(key in r for r in rows) or (key.startswith("reward/") and any(key in r for r in rows)), key
     # The first minibatch of every step is on-policy, later ones are not: the ratio must leave 1.
     assert rows[-1]["ratio_max"] > 1.0 or rows[-1]["ratio_min"] < 1.0
     assert (res.final_dir / "config.json").exists()
@@ -70,10 +99,16 @@ def test_several_minibatches_make_the_clip_act(tiny_dir, tmp_path):
     four = load_config(None, SMALL + ["train.steps=2", "gspo.num_minibatches=4", "optim.lr=1e-2"])
     s = prepare_splits(one)
     tr = _dense(s.train)
-    r1 = [json.loads(x) for x in train(one, tiny_dir, tr, s.held_out, tmp_path / "a").metrics_path.read_text().splitlines()]
+    r1 = [
+        json.loads(x)
+        for x in train(one, tiny_dir, tr, s.held_out, tmp_path / "a").metrics_path.read_text().splitlines()
+    ]
     assert r1[0]["ratio_min"] == pytest.approx(1.0, abs=1e-6) and r1[0]["ratio_max"] == pytest.approx(1.0, abs=1e-6)
     assert r1[0]["clip_frac"] == 0.0
-    r4 = [json.loads(x) for x in train(four, tiny_dir, tr, s.held_out, tmp_path / "b").metrics_path.read_text().splitlines()]
+    r4 = [
+        json.loads(x)
+        for x in train(four, tiny_dir, tr, s.held_out, tmp_path / "b").metrics_path.read_text().splitlines()
+    ]
     assert max(r["clip_frac"] for r in r4) > 0.0
 
 
@@ -103,8 +138,10 @@ def test_static_decoder_trains_like_the_eager_one(tiny_dir, tmp_path):
 
     runs, compiled = {}, {}
     for decode in ("eager", "static"):
-        cfg = load_config(None, SMALL + ["train.steps=2", "train.checkpoint_every=0", f"gspo.decode={decode}",
-                                         "optim.optimizer=adamw"])
+        cfg = load_config(
+            None,
+            SMALL + ["train.steps=2", "train.checkpoint_every=0", f"gspo.decode={decode}", "optim.optimizer=adamw"],
+        )
         s = prepare_splits(cfg)
         before = counters["stats"]["unique_graphs"]
         res = train(cfg, tiny_dir, _dense(s.train), s.held_out, tmp_path / decode)
@@ -163,8 +200,12 @@ def test_sampler_resumes_mid_epoch():
 
 def _gspo_train(cfg_path: Path, out: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "gspo_cli", "train", "--config", str(cfg_path), "--output", str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gspo_cli", "train", "--config", str(cfg_path), "--output", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 @pytest.mark.slow
@@ -197,13 +238,23 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
     m1 = (tmp_path / "straight" / "train" / "metrics.jsonl").read_text().splitlines()
     m2 = (tmp_path / "killed" / "train" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if not k.startswith(("time_", "tokens_per_s", "rollout_tokens"))} for r in rows]
+
+    def strip(rows):
+        return [
+            {k: v for k, v in json.loads(r).items() if not k.startswith(("time_", "tokens_per_s", "rollout_tokens"))}
+            for r in rows
+        ]
+
     assert strip(m1) == strip(m2)
 
 
 def test_lora_with_gradient_checkpointing_trains_resumes_and_saves_merged_weights(tiny_dir, tmp_path):
-    base = ["model.lora_r=4", "model.lora_target_modules=q_proj,v_proj", "model.gradient_checkpointing=true",
-            "train.checkpoint_every=1"]
+    base = [
+        "model.lora_r=4",
+        "model.lora_target_modules=q_proj,v_proj",
+        "model.gradient_checkpointing=true",
+        "train.checkpoint_every=1",
+    ]
     s = prepare_splits(load_config(None, SMALL))
     tr = _dense(s.train)
     cfg = load_config(None, SMALL + base + ["train.steps=3"])
@@ -247,12 +298,24 @@ def test_first_update_of_a_step_is_exactly_on_policy(tiny_dir, tmp_path, level, 
     a fresh forward's to about 1e-6 (tests/test_rollout.py); every other path recomputes them in the update's
     own micro-batches, exactly."""
     model_dir = _tiny_with_dropout(tiny_dir, tmp_path / "m") if "dropout" in variant else tiny_dir
-    extra = {"fp32": [], "fp32-dropout-in-config": [],
-             "bf16": ["model.dtype=bfloat16"],
-             "bf16-lora-checkpointing": ["model.dtype=bfloat16", "model.lora_r=4", "model.gradient_checkpointing=true"]}
-    cfg = load_config(None, SMALL + extra[variant] + [f"gspo.importance_sampling_level={level}", "train.steps=3",
-                                                     "gspo.num_minibatches=1", "train.checkpoint_every=0",
-                                                     "optim.micro_batch_tokens=40"])
+    extra = {
+        "fp32": [],
+        "fp32-dropout-in-config": [],
+        "bf16": ["model.dtype=bfloat16"],
+        "bf16-lora-checkpointing": ["model.dtype=bfloat16", "model.lora_r=4", "model.gradient_checkpointing=true"],
+    }
+    cfg = load_config(
+        None,
+        SMALL
+        + extra[variant]
+        + [
+            f"gspo.importance_sampling_level={level}",
+            "train.steps=3",
+            "gspo.num_minibatches=1",
+            "train.checkpoint_every=0",
+            "optim.micro_batch_tokens=40",
+        ],
+    )
     s = prepare_splits(cfg)
     res = train(cfg, model_dir, _dense(s.train), s.held_out, tmp_path / "out")
     rows = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
@@ -266,9 +329,18 @@ def test_first_update_of_a_step_is_exactly_on_policy(tiny_dir, tmp_path, level, 
 def test_a_step_makes_exactly_num_minibatches_near_equal_updates(tiny_dir, tmp_path, prompts, group, minibatches):
     from gspo import update
 
-    cfg = load_config(None, SMALL + [f"gspo.prompts_per_step={prompts}", f"gspo.group_size={group}",
-                                     f"gspo.num_minibatches={minibatches}", "train.steps=2", "train.checkpoint_every=0",
-                                     "gspo.beta=0.1"])
+    cfg = load_config(
+        None,
+        SMALL
+        + [
+            f"gspo.prompts_per_step={prompts}",
+            f"gspo.group_size={group}",
+            f"gspo.num_minibatches={minibatches}",
+            "train.steps=2",
+            "train.checkpoint_every=0",
+            "gspo.beta=0.1",
+        ],
+    )
     rows = prompts * group
     sizes = []
     for step in range(3):
@@ -280,8 +352,13 @@ def test_a_step_makes_exactly_num_minibatches_near_equal_updates(tiny_dir, tmp_p
     seen = []
     train(cfg, tiny_dir, _dense(s.train), s.held_out, tmp_path, on_step=seen.append)
     # The schedule is built for steps x num_minibatches updates: the last update takes its last value.
-    assert seen[-1]["lr"] == pytest.approx(cfg.optim.lr * (cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 *
-                                           (1 + math.cos(math.pi * (2 * minibatches - 1) / (2 * minibatches)))))
+    assert seen[-1]["lr"] == pytest.approx(
+        cfg.optim.lr
+        * (
+            cfg.optim.min_lr_ratio
+            + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * (2 * minibatches - 1) / (2 * minibatches)))
+        )
+    )
 
 
 class _FakeRoll:
@@ -299,8 +376,18 @@ class _HostReads(torch.overrides.TorchFunctionMode):
     """Counts tensor reads by the host (item, bool, int, float, tolist, ...) made by gspo's own code: each one
     waits for the GPU to finish what was queued before it."""
 
-    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
-             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
+    READS = frozenset(
+        {
+            torch.Tensor.item,
+            torch.Tensor.tolist,
+            torch.Tensor.__bool__,
+            torch.Tensor.__int__,
+            torch.Tensor.__float__,
+            torch.Tensor.__index__,
+            torch.Tensor.cpu,
+            torch.Tensor.numpy,
+        }
+    )
 
     def __init__(self):
         super().__init__()
@@ -324,8 +411,16 @@ def test_updates_read_the_device_once_per_update_whatever_the_number_of_passes(t
 
     reads, passes = {}, {}
     for budget in (100_000, 1):
-        cfg = load_config(None, SMALL + ["gspo.num_minibatches=2", f"optim.micro_batch_tokens={budget}",
-                                         "optim.optimizer=adamw", "gspo.max_new_tokens=8"])
+        cfg = load_config(
+            None,
+            SMALL
+            + [
+                "gspo.num_minibatches=2",
+                f"optim.micro_batch_tokens={budget}",
+                "optim.optimizer=adamw",
+                "gspo.max_new_tokens=8",
+            ],
+        )
         torch.manual_seed(0)
         model = load_model(tiny_dir, cfg.model, torch.device("cpu"))
         tok = load_tokenizer(tiny_dir)
