@@ -76,15 +76,16 @@ def worker(overrides: list[str], out_dir: str) -> dict:
     ws = warm_start(cfg, base, splits.warm_start, out / "warm_start")
     res = train(cfg, ws, splits.train, splits.held_out, out / "train")
     meta = json.loads((ws / "gspo_meta.json").read_text())
-    before = evaluate_task(ws, "arithmetic", cfg)["score"]
+    before = evaluate_task(ws, "arithmetic", cfg)
     # The checkpoint the pipeline registers: best on the held-out problems (never the test ones), else the last.
     after = evaluate_task(res.best_dir or res.final_dir, "arithmetic", cfg)["score"]
     final = evaluate_task(res.final_dir, "arithmetic", cfg)["score"]
     return {
-        "before": before,
+        "before": before["score"],
         "after": after,
-        "gain": after - before,
+        "gain": after - before["score"],
         "final": final,
+        "n": before["n"],
         "warm_start_steps": meta["warm_start_steps"],
         "warm_start_reward": meta["warm_start_reward"],
         "seconds": time.perf_counter() - t0,

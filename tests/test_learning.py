@@ -1,47 +1,29 @@
 """GSPO must learn: the demo setup, shortened, raises test accuracy over the warm-started model.
 
-Runs the `gspo train` command on configs/demo.yaml with fewer and smaller steps (about 2 minutes of CPU), then
-scores the warm-started and the trained model on the arithmetic test problems, which neither stage trains on.
+The run is bench/learning.py's `--short` configuration, done by the same function, so the table that
+benchmark prints for train seeds 0-4 under every CPU kernel set (bench/README.md) is this test's margin:
+the warm start stopped at its held-back reward, GSPO, then both models scored on the arithmetic test
+problems, which neither stage trains on (the trained model as the pipeline registers it: the checkpoint with
+the best held-out reward).
 """
 
 import json
-from pathlib import Path
 
 import pytest
 
 from gspo.config import load_config
-from gspo.evaluate import evaluate_task
-from gspo_cli import main
-
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-SHORT = [
-    "train.steps=150",
-    "gspo.prompts_per_step=32",
-    "gspo.num_minibatches=2",
-    "data.eval_size=100",
-    "eval.limit=100",
-    "train.eval_every=50",
-    "train.checkpoint_every=0",
-    "train.progress=false",
-]
 
 pytestmark = pytest.mark.slow  # learns to a target: minutes of training
 
 
-def test_gspo_raises_held_out_accuracy(tmp_path, capsys):
-    assert (
-        main(["train", "--config", str(DEMO), "--output", str(tmp_path)] + [a for s in SHORT for a in ("--set", s)])
-        == 0
-    )
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    cfg = load_config(DEMO, SHORT)
-    meta = json.loads((tmp_path / "warm_start" / "gspo_meta.json").read_text())
-    before = evaluate_task(tmp_path / "warm_start", "arithmetic", cfg)
-    after = evaluate_task(result["final"], "arithmetic", cfg)
-    print(f"warm start {meta}; test accuracy {before['score']:.3f} -> {after['score']:.3f}")
-    assert before["n"] == after["n"] == 100
-    assert meta["warm_start_steps"] < cfg.warm_start.steps, "the warm start never reached warm_start.stop_reward"
-    assert after["score"] >= before["score"] + 0.10, (before, after)
+def test_gspo_raises_held_out_accuracy(tmp_path, load_bench):
+    bench = load_bench("learning")
+    run = bench.worker(bench.SHORT + ["train.seed=0", "train.progress=false", "train.threads=1"], str(tmp_path))
+    print(f"test accuracy {run['before']:.3f} -> {run['after']:.3f} (warm start: {run['warm_start_steps']} steps)")
+    cfg = load_config(bench.DEMO, bench.SHORT)
+    assert run["warm_start_steps"] < cfg.warm_start.steps, "the warm start never reached warm_start.stop_reward"
+    assert run["n"] == cfg.eval.limit
+    assert run["gain"] >= bench.REQUIRED["short"], run
 
 
 def test_stop_reward_with_too_few_examples_to_hold_any_back_trains_on_them_all(tmp_path):
