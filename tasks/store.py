@@ -89,8 +89,21 @@ def patiently(uri: str, wait: float, fn, *args, **kwargs) -> Any:
         return result
 
 
+def _upsert(fn, *args, **kwargs) -> Any:
+    """fn, a set_* call (tag, alias), done again when it lost a race: MLflow's sqlite store writes one as
+    select-then-insert, so two runs setting the same key at once make the second insert fail on the unique key,
+    although the row it meant to write now exists; done again, the select finds it and updates it."""
+    for attempt in range(3):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if attempt == 2 or not lost_a_race(e):
+                raise
+            log.info("%s lost a race with another writer of the same key; setting it again", fn.__name__)
+
+
 class Client:
-    """An MlflowClient whose every call goes through `patiently`."""
+    """An MlflowClient whose every call goes through `patiently`, and every set_* call through `_upsert`."""
 
     def __init__(self, uri: str, wait: float):
         self.uri, self.wait = uri, wait
@@ -100,6 +113,8 @@ class Client:
         attr = getattr(self._client, name)
         if not callable(attr):
             return attr
+        if name.startswith("set_"):
+            return lambda *args, **kwargs: patiently(self.uri, self.wait, _upsert, attr, *args, **kwargs)
         return lambda *args, **kwargs: patiently(self.uri, self.wait, attr, *args, **kwargs)
 
 

@@ -106,3 +106,35 @@ def test_files_read_follows_file_contents(tmp_path):
     assert first != missing and key() == first
     f.write_text("b\n")
     assert key() != first
+
+
+def test_runs_setting_the_same_registry_tags_at_once_all_succeed(tmp_path):
+    # MLflow's sqlite store sets a tag by select-then-insert: of two writers of one new key, the second insert
+    # fails on the unique key (a bare MlflowClient fails here about once per round). Two runs of one config
+    # write the same score tags to the same version this way.
+    from tasks.store import client
+
+    c = client(f"sqlite:///{tmp_path}/mlflow.db", 5.0)
+    c.create_registered_model("m")
+    run = c.create_run(c.create_experiment("e"))
+    version = c.create_model_version("m", "runs:/x/checkpoint", run_id=run.info.run_id).version
+    errors = []
+
+    def writer(key, barrier):
+        barrier.wait()
+        try:
+            c.set_model_version_tag("m", version, key, "1")
+            c.set_registered_model_alias("m", "candidate", version)
+        except Exception as e:
+            errors.append(e)
+
+    for round_ in range(20):
+        barrier = threading.Barrier(4)
+        threads = [threading.Thread(target=writer, args=(f"score.t{round_}", barrier)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    tags = c.get_model_version("m", version).tags
+    assert all(tags[f"score.t{r}"] == "1" for r in range(20))
