@@ -4,10 +4,8 @@ import signal
 from pathlib import Path
 
 
-class Stopped(KeyboardInterrupt):
-    """Training stopped on SIGTERM or SIGINT after writing a checkpoint; rerunning the same command resumes.
-    An interruption, not a failure (like Ctrl-C): `except Exception` does not swallow it, and an orchestrator
-    records the run as crashed, to be retried, not as failed."""
+class Stopped(Exception):
+    """Training stopped on SIGTERM or SIGINT after writing a checkpoint; rerunning the same command resumes."""
 
     def __init__(self, signum: int, step: int, checkpoint_dir: Path | None):
         self.signum, self.step, self.checkpoint_dir = signum, step, checkpoint_dir

@@ -187,13 +187,18 @@ def check_same_run(out_dir: Path, record: dict) -> None:
 
 @contextmanager
 def stop_requests():
-    """SIGTERM and SIGINT ask training to stop at its next safe point (after the rollout, or after the step's
-    updates) with a checkpoint; a second signal ends the process at once. The flag is a one-item list.
-    Off the main thread (a Prefect worker) signals cannot be caught, and the runner's own handling applies."""
+    """SIGTERM and SIGINT, where no handler of another is in place, ask training to stop at its next safe point
+    (after the rollout, or after the step's updates) with a checkpoint; a second signal ends the process at once.
+    The flag is a one-item list. Off the main thread signals cannot be caught, and the runner's own handling
+    applies."""
     flag: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
+    # Under an orchestrator the signal is the orchestrator's (Prefect tells a cancel from a crash by its own SIGTERM
+    # handler being in place), and the stage resumes from its last periodic checkpoint.
+    free = (signal.SIG_DFL, signal.default_int_handler)
+    taken = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) in free]
 
     def handler(signum, frame):
         if flag:
@@ -206,7 +211,7 @@ def stop_requests():
             signal.Signals(signum).name,
         )
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, handler) for s in taken}
     try:
         yield flag
     finally:

@@ -368,22 +368,12 @@ def _run_flow(args, flow=None, params: dict | None = None, flow_run_id: str | No
             finally:  # while the server still answers
                 APILogWorker.drain_all(timeout=10)
                 EventsWorker.drain_all(timeout=10)
-    except (Stopped, TrainingStopped, TerminationSignal) as e:
-        if isinstance(e, TerminationSignal):
-            sig = signal.Signals(e.signal)
-        elif isinstance(e, TrainingStopped):
-            sig = signal.Signals(e.signum)
-        else:
-            sig = signal.Signals[str(e)]
+    except (Stopped, TerminationSignal) as e:
+        sig = signal.Signals(e.signal) if isinstance(e, TerminationSignal) else signal.Signals[str(e)]
         retry = _retry_command(run.id) if run else "the same command"
-        kept = (
-            f"training's checkpoint {e.checkpoint_dir} and finished stages are kept"
-            if isinstance(e, TrainingStopped)
-            else "finished stages are kept"
-        )
         print(
             f"gspo {args.cmd}: stopped by {sig.name}; the flow run is closed as crashed and its MLflow run as "
-            f"failed, {kept}; retry with: {retry}",
+            f"failed, finished stages and training's checkpoints are kept; retry with: {retry}",
             file=sys.stderr,
         )
         return 128 + sig.value

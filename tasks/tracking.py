@@ -199,10 +199,10 @@ def log_report(c: Client, run_id: str, report_dir: str) -> None:
 
 
 def finish(c: Client, run_id: str, ok: bool, why: str = "") -> None:
-    """Close the run; `why` (the error that stopped the flow) becomes its gspo.end tag."""
+    """Close the run; `why` (the error that stopped the flow) becomes its gspo.end tag, and "finished" when it
+    finished (a retry that finishes replaces the reason an earlier attempt ended)."""
     try:
-        if why:
-            c.set_tag(run_id, "gspo.end", why[:5000])
+        c.set_tag(run_id, "gspo.end", "finished" if ok else why[:5000])
         c.set_terminated(run_id, "FINISHED" if ok else "FAILED")
     except Exception as e:
         if ok:

@@ -25,9 +25,11 @@ import mlflow.artifacts
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+from prefect.states import Cancelling
 
 from flows.train_eval import train_eval
 from gspo.resolve import dir_hash
@@ -348,6 +350,32 @@ def test_the_worker_stops_on_sigterm_and_closes_the_flow_run_it_was_running(serv
     procs["worker"] = Proc(
         "worker", [sys.executable, "-m", "gspo_cli", "worker", "--pool", POOL, "--limit", 1], env, logs
     )
+
+
+def test_a_flow_run_cancelled_during_training_ends_cancelled_and_keeps_its_checkpoints(servers):
+    # Prefect tells a cancel from a crash only while its own SIGTERM handler is in place: training must leave it.
+    name, root = "gspo-cancelled", servers["dir"] / "artifacts-cancelled"
+    overrides = SMALL + [
+        f"pipeline.mlflow_tracking_uri={servers['mlflow']}",
+        f"pipeline.registered_model={name}",
+        f"pipeline.artifact_root={root}",
+        "train.steps=400",
+    ]
+    fr = run_deployment("train-eval/train-eval", parameters={"overrides": overrides}, timeout=0)
+    deadline = time.monotonic() + 300
+    while not list(root.glob("train/.*.work/checkpoints/step-*")):
+        assert time.monotonic() < deadline, f"training never started\n{logs_tail(servers)}"
+        time.sleep(0.5)
+    with get_client(sync_client=True) as c:
+        c.set_flow_run_state(fr.id, Cancelling(), force=True)
+        while not (state := c.read_flow_run(fr.id).state).is_final():
+            assert time.monotonic() < deadline + 120, f"{state}\n{logs_tail(servers)}"
+            time.sleep(0.5)
+    assert state.type == StateType.CANCELLED, f"{state}\n{logs_tail(servers)}"
+    assert list(root.glob("train/.*.work/checkpoints/step-*")), "the cancelled stage's checkpoints are kept to resume"
+    c = MlflowClient(servers["mlflow"])
+    [run_] = c.search_runs([c.get_experiment_by_name("gspo").experiment_id], f"tags.`prefect.flow_run_id` = '{fr.id}'")
+    assert run_.info.status == "FAILED"
 
 
 def _registration(servers, monkeypatch, on_running, overrides) -> tuple:
