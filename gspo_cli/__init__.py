@@ -453,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose, console=args.cmd not in FLOW_COMMANDS)
+    # transformers draws a bar for every load and save: noise between a command's own progress lines.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # An optional 4-bit kernel package that 8-bit AdamW never uses; bitsandbytes warns about it on every import.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
