@@ -74,6 +74,7 @@ def warm_start(
         )
         for e in examples
     ]
+    log.info("warm start: up to %d steps on %d examples, %d held back for stop_reward", w.steps, len(rows), n)
     step, reward, why = 0, None, ""
     bar = Progress(w.steps, "warm start", log, enabled=cfg.train.progress)
     for step in range(1, w.steps + 1):

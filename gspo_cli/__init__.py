@@ -468,6 +468,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"gspo {args.cmd}: {e}", file=sys.stderr)
         return 128 + e.signum  # what the shell reports for a process ended by that signal
+    except KeyboardInterrupt:
+        # Ctrl-C outside training's own handling (the warm start, loading, scoring): nothing half-written stays.
+        print(
+            f"gspo {args.cmd}: interrupted; run the same command again to go on (finished parts are kept)",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGINT
     except Diverged as e:
         print(f"gspo {args.cmd}: error: {e}", file=sys.stderr)
         return 1

@@ -176,6 +176,18 @@ def test_a_second_signal_ends_the_process_at_once(tiny_dir, tmp_path, straight):
     assert p.returncode == -signal.SIGINT
 
 
+@pytest.mark.slow
+def test_ctrl_c_outside_training_s_own_handling_is_one_line_and_exit_130(tiny_dir, tmp_path, straight):
+    cfg = dataclasses.replace(straight[0], warm_start=dataclasses.replace(straight[0].warm_start, steps=1_000_000))
+    p = _cli(["-v", "train", "--config", str(_config_file(tmp_path, cfg)), "--output", str(tmp_path / "run")])
+    _wait_for(p, "warm start: up to 1000000 steps")
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGINT, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("gspo train: interrupted"), err
+    assert not (tmp_path / "run" / "warm_start").exists()  # nothing half-written
+
+
 def test_a_torn_metrics_line_is_dropped_on_resume(tiny_dir, tmp_path, straight):
     cfg, tr, held, final = straight
     with pytest.raises(Interrupted):
