@@ -19,6 +19,7 @@ The last line is `ratio=<smallest gain / required gain>` (>= 1 when every run le
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -30,14 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEMO = ROOT / "configs" / "demo.yaml"
 # The learning test (tests/test_learning.py) runs the demo shortened to this.
-SHORT = [
-    "train.steps=150",
-    "gspo.prompts_per_step=32",
-    "gspo.num_minibatches=2",
-    "data.eval_size=100",
-    "eval.limit=100",
-    "train.eval_every=50",
-]
+SHORT = ["train.steps=400"]  # the demo's first half, its schedule compressed into it
 REQUIRED = {"demo": 0.25, "short": 0.10}
 
 
@@ -89,6 +83,8 @@ def worker(overrides: list[str], out_dir: str) -> dict:
         "warm_start_steps": meta["warm_start_steps"],
         "warm_start_reward": meta["warm_start_reward"],
         "seconds": time.perf_counter() - t0,
+        # What the run costs on an otherwise idle core: wall time depends on what else the machine runs.
+        "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]),
     }
 
 
@@ -148,15 +144,15 @@ def main() -> int:
         root = Path(a.keep or tmp)
         jobs = [(k, s) for s in seeds for k in kernels]
         runs = list(pool.map(lambda ks: run_one(ks[0], ks[1], overrides, root), jobs))
-    print("| kernels | seed | warm-start steps | before | after | gain | last checkpoint | minutes |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernels | seed | warm-start steps | before | after | gain | last checkpoint | CPU minutes | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         if "error" in r:
             print(f"| {r['kernels']} | {r['seed']} | error: {r['error']} |")
             continue
         print(
             f"| {r['kernels']} | {r['seed']} | {r['warm_start_steps']} | {r['before']:.3f} | {r['after']:.3f} | "
-            f"{r['gain']:+.3f} | {r['final']:.3f} | {r['seconds'] / 60:.1f} |"
+            f"{r['gain']:+.3f} | {r['final']:.3f} | {r['cpu_seconds'] / 60:.1f} | {r['seconds'] / 60:.1f} |"
         )
     ok = [r for r in runs if "error" not in r]
     if a.out:
@@ -165,9 +161,8 @@ def main() -> int:
         print("ratio=nan")
         return 1
     gains = [r["gain"] for r in ok]
-    print(
-        f"gain min {min(gains):+.3f}, max {max(gains):+.3f}; longest run {max(r['seconds'] for r in ok) / 60:.1f} min"
-    )
+    cpu, wall = max(r["cpu_seconds"] for r in ok) / 60, max(r["seconds"] for r in ok) / 60
+    print(f"gain min {min(gains):+.3f}, max {max(gains):+.3f}; longest run {cpu:.1f} CPU min ({wall:.1f} min wall)")
     print(f"ratio={min(gains) / required:.3f}")
     return 0 if min(gains) >= required else 1
 
