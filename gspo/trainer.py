@@ -187,7 +187,7 @@ def check_same_run(out_dir: Path, record: dict) -> None:
 
 @contextmanager
 def stop_requests():
-    """SIGTERM and SIGINT, where no handler of another is in place, ask training to stop at its next safe point
+    """SIGTERM and SIGINT, where no other handler of SIGTERM is in place, ask training to stop at its next safe point
     (after the rollout, or after the step's updates) with a checkpoint; a second signal ends the process at once.
     The flag is a one-item list. Off the main thread signals cannot be caught, and the runner's own handling
     applies."""
@@ -195,10 +195,12 @@ def stop_requests():
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    # Under an orchestrator the signal is the orchestrator's (Prefect tells a cancel from a crash by its own SIGTERM
-    # handler being in place), and the stage resumes from its last periodic checkpoint.
+    # A process whose SIGTERM someone else handles (an orchestrator: Prefect tells a cancel from a crash by its own
+    # handler being in place) is stopped by that one, for both signals; the stage resumes from its last periodic
+    # checkpoint.
     free = (signal.SIG_DFL, signal.default_int_handler)
-    taken = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) in free]
+    owned = signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+    taken = [] if owned else [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) in free]
 
     def handler(signum, frame):
         if flag:

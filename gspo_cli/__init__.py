@@ -315,8 +315,9 @@ def _log_to(path: Path) -> None:
 
 @contextlib.contextmanager
 def _stop_on_signals():
-    """SIGTERM and SIGINT raise Stopped in the flow, which closes its flow run and MLflow run as it unwinds;
-    a second signal exits at once."""
+    """SIGINT raises Stopped in the flow, which closes its flow run and MLflow run as it unwinds; so does SIGTERM
+    where Prefect's own handler is not in place (it has one while the flow runs: its TerminationSignal closes the
+    runs the same way, then the signal comes here). A second signal exits at once."""
 
     def handler(signum, frame):
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -470,10 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + e.signum  # what the shell reports for a process ended by that signal
     except KeyboardInterrupt:
         # Ctrl-C outside training's own handling (the warm start, loading, scoring): nothing half-written stays.
-        print(
-            f"gspo {args.cmd}: interrupted; run the same command again to go on (finished parts are kept)",
-            file=sys.stderr,
-        )
+        hint = "; run the same command again to go on (finished parts are kept)" if args.cmd == "train" else ""
+        print(f"gspo {args.cmd}: interrupted{hint}", file=sys.stderr)
         return 128 + signal.SIGINT
     except Diverged as e:
         print(f"gspo {args.cmd}: error: {e}", file=sys.stderr)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # learns to a target: minutes of training
 
 def test_gspo_raises_held_out_accuracy(tmp_path, load_bench):
     bench = load_bench("learning")
-    run = bench.worker(bench.SHORT + ["train.seed=0", "train.progress=false", "train.threads=1"], str(tmp_path))
+    run = bench.worker(bench.SHORT + ["train.seed=0", *bench.RUN], str(tmp_path))
     print(f"test accuracy {run['before']:.3f} -> {run['after']:.3f} (warm start: {run['warm_start_steps']} steps)")
     cfg = load_config(bench.DEMO, bench.SHORT)
     assert run["warm_start_steps"] < cfg.warm_start.steps, "the warm start never reached warm_start.stop_reward"

@@ -188,6 +188,25 @@ def test_ctrl_c_outside_training_s_own_handling_is_one_line_and_exit_130(tiny_di
     assert not (tmp_path / "run" / "warm_start").exists()  # nothing half-written
 
 
+def test_training_leaves_both_signals_to_a_process_whose_sigterm_another_handles():
+    from gspo.trainer import stop_requests
+
+    def orchestrator(signum, frame):  # what Prefect's flow engine installs while a flow runs
+        pass
+
+    old = signal.signal(signal.SIGTERM, orchestrator)
+    try:
+        with stop_requests():
+            assert signal.getsignal(signal.SIGTERM) is orchestrator
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    with stop_requests():
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, orchestrator)
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_a_torn_metrics_line_is_dropped_on_resume(tiny_dir, tmp_path, straight):
     cfg, tr, held, final = straight
     with pytest.raises(Interrupted):
