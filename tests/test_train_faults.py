@@ -111,17 +111,39 @@ def test_a_signal_during_the_updates_finishes_the_step_and_resume_is_exact(tiny_
     assert all(torch.equal(final[k], w[k]) for k in final)
 
 
+def _ctrl_c_delivered():
+    # Tests run in the background (nohup, `cmd &`) inherit SIGINT ignored, and a process keeps an ignored SIGINT
+    # ignored; the command under test must get Ctrl-C as from a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_command_outlives_its_test():
+    yield
+    while _started:  # a test that failed while its command ran must not leave it training
+        p = _started.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def _cli(args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(
+    p = subprocess.Popen(
         [sys.executable, "-m", "gspo_cli", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        preexec_fn=_ctrl_c_delivered,
         **kw,
     )
+    _started.append(p)
+    return p
 
 
 def _config_file(tmp_path, cfg):
@@ -194,17 +216,20 @@ def test_training_leaves_both_signals_to_a_process_whose_sigterm_another_handles
     def orchestrator(signum, frame):  # what Prefect's flow engine installs while a flow runs
         pass
 
-    old = signal.signal(signal.SIGTERM, orchestrator)
+    old = signal.signal(signal.SIGTERM, orchestrator), signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with stop_requests():
             assert signal.getsignal(signal.SIGTERM) is orchestrator
             assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with stop_requests():
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, orchestrator)
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
-        signal.signal(signal.SIGTERM, old)
-    with stop_requests():
-        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, orchestrator)
-        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])
 
 
 def test_a_torn_metrics_line_is_dropped_on_resume(tiny_dir, tmp_path, straight):
