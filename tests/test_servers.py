@@ -323,13 +323,7 @@ def test_a_worker_runs_the_deployment_against_both_servers(servers):
 def test_the_worker_stops_on_sigterm_and_closes_the_flow_run_it_was_running(servers):
     env, logs, procs = servers["env"], servers["logs"], servers["procs"]
     worker = procs["worker"]
-    name = "gspo-stopped"
-    overrides = SMALL + [
-        f"pipeline.mlflow_tracking_uri={servers['mlflow']}",
-        f"pipeline.registered_model={name}",
-        f"pipeline.artifact_root={servers['dir'] / 'artifacts-stopped'}",
-        "train.steps=400",
-    ]
+    overrides = _overrides(servers, "gspo-stopped", servers["dir"] / "artifacts-stopped") + ["train.steps=400"]
     fr = run_deployment("train-eval/train-eval", parameters={"overrides": overrides}, timeout=0)
     deadline = time.monotonic() + 300
     with get_client(sync_client=True) as c:
@@ -343,9 +337,7 @@ def test_the_worker_stops_on_sigterm_and_closes_the_flow_run_it_was_running(serv
         assert worker.p.wait(120) == 0, worker.tail()
         assert "worker: stopped" in worker.log.read_text()
         assert c.read_flow_run(fr.id).state.name == "Crashed"
-    c = MlflowClient(servers["mlflow"])
-    [run_] = c.search_runs([c.get_experiment_by_name("gspo").experiment_id], f"tags.`prefect.flow_run_id` = '{fr.id}'")
-    assert run_.info.status == "FAILED"
+    assert _mlflow_run(servers, fr.id).info.status == "FAILED"
     # A new worker for the tests after this one.
     procs["worker"] = Proc(
         "worker", [sys.executable, "-m", "gspo_cli", "worker", "--pool", POOL, "--limit", 1], env, logs
@@ -354,13 +346,8 @@ def test_the_worker_stops_on_sigterm_and_closes_the_flow_run_it_was_running(serv
 
 def test_a_flow_run_cancelled_during_training_ends_cancelled_and_keeps_its_checkpoints(servers):
     # Prefect tells a cancel from a crash only while its own SIGTERM handler is in place: training must leave it.
-    name, root = "gspo-cancelled", servers["dir"] / "artifacts-cancelled"
-    overrides = SMALL + [
-        f"pipeline.mlflow_tracking_uri={servers['mlflow']}",
-        f"pipeline.registered_model={name}",
-        f"pipeline.artifact_root={root}",
-        "train.steps=400",
-    ]
+    root = servers["dir"] / "artifacts-cancelled"
+    overrides = _overrides(servers, "gspo-cancelled", root) + ["train.steps=400"]
     fr = run_deployment("train-eval/train-eval", parameters={"overrides": overrides}, timeout=0)
     deadline = time.monotonic() + 300
     while not list(root.glob("train/.*.work/checkpoints/step-*")):
@@ -373,9 +360,7 @@ def test_a_flow_run_cancelled_during_training_ends_cancelled_and_keeps_its_check
             time.sleep(0.5)
     assert state.type == StateType.CANCELLED, f"{state}\n{logs_tail(servers)}"
     assert list(root.glob("train/.*.work/checkpoints/step-*")), "the cancelled stage's checkpoints are kept to resume"
-    c = MlflowClient(servers["mlflow"])
-    [run_] = c.search_runs([c.get_experiment_by_name("gspo").experiment_id], f"tags.`prefect.flow_run_id` = '{fr.id}'")
-    assert run_.info.status == "FAILED"
+    assert _mlflow_run(servers, fr.id).info.status == "FAILED"
 
 
 def _registration(servers, monkeypatch, on_running, overrides) -> tuple:
@@ -388,13 +373,21 @@ def _registration(servers, monkeypatch, on_running, overrides) -> tuple:
     return state, task_runs(state.state_details.flow_run_id, expect=5)
 
 
-def _overrides(servers, name: str, root: Path, wait: float) -> list[str]:
+def _overrides(servers, name: str, root: Path, wait: float | None = None) -> list[str]:
     return SMALL + [
         f"pipeline.mlflow_tracking_uri={servers['mlflow']}",
         f"pipeline.artifact_root={root}",
         f"pipeline.registered_model={name}",
-        f"pipeline.mlflow_wait={wait}",
+        *([f"pipeline.mlflow_wait={wait}"] if wait is not None else []),
     ]
+
+
+def _mlflow_run(servers, flow_run_id):
+    c = MlflowClient(servers["mlflow"])
+    [run_] = c.search_runs(
+        [c.get_experiment_by_name("gspo").experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    )
+    return run_
 
 
 def _restart_mlflow(servers) -> None:
